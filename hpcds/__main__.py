@@ -1,0 +1,3 @@
+from hpcds.cli import main
+
+main()

@@ -1,0 +1,152 @@
+"""The `hpcds` command line: the only place that prints for people.
+
+Each command group lives in its own module and registers through COMMANDS. Login-node commands (render, plan,
+submit, status, logs, cancel) must stay light: heavy imports (torch, deepspeed, transformers, wandb) happen inside
+the commands that train, never at module level. An `HpcdsError` becomes a message and exit code 1, no traceback.
+
+Start-up time matters (people run `hpcds render` and `hpcds status` by hand, scripts call them in loops), so the group
+is lazy: `COMMAND_TABLE` names each command's module, and `hpcds render` imports only hpcds.cli.render_cmd. `hpcds
+--help` lists the table's one-line summaries without importing any command module. A test checks the table against
+every module's COMMANDS, so a command added there and not here (or a changed first sentence) fails loudly.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import importlib
+import sys
+
+import click
+
+from hpcds import __version__
+from hpcds.errors import HpcdsError
+
+# name -> (module, attribute, first sentence of the command's help, as `hpcds --help` shows it).
+COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
+    "render": (
+        "hpcds.cli.render_cmd",
+        "render",
+        "Print the batch script for SPEC (or its DeepSpeed config) without creating or submitting anything.",
+    ),
+    "prepare": (
+        "hpcds.cli.render_cmd",
+        "prepare",
+        "Create the run directory for SPEC and print its path (used inside a job by the sbatch/ templates).",
+    ),
+    "plan": (
+        "hpcds.cli.plan_cmd",
+        "plan",
+        "Memory per GPU for each ZeRO stage and offload, and the strategy that fits with the least communication.",
+    ),
+    "submit": (
+        "hpcds.cli.jobs_cmd",
+        "submit",
+        "Submit SPEC to Slurm as a new run (sbatch), creating its run directory.",
+    ),
+    "status": (
+        "hpcds.cli.jobs_cmd",
+        "status",
+        "Queue state and training progress of runs (all runs under the runs folder by default).",
+    ),
+    "logs": (
+        "hpcds.cli.jobs_cmd",
+        "logs",
+        "Print a run's Slurm output (every job of the run, oldest first).",
+    ),
+    "cancel": (
+        "hpcds.cli.jobs_cmd",
+        "cancel",
+        "Cancel a run's Slurm job (scancel) and record it in the run's event log.",
+    ),
+    "launch": (
+        "hpcds.cli.jobs_cmd",
+        "launch",
+        "Inside a Slurm job, once per node (srun): write the hostfile and start this node's DeepSpeed ranks.",
+    ),
+    "run": (
+        "hpcds.cli.train_cmd",
+        "run_command",
+        "Train SPEC on this machine (CPU ranks on gloo, or the GPUs); Ctrl-C saves, the same command resumes.",
+    ),
+    "sync": (
+        "hpcds.cli.train_cmd",
+        "sync_command",
+        "Upload a run's offline W&B logs (one folder per trainer start, all into the same W&B run).",
+    ),
+    "export": (
+        "hpcds.cli.export_cmd",
+        "export",
+        "Export a run's checkpoint as plain weights (safetensors, Hugging Face folder, or LoRA adapter).",
+    ),
+    "data": (
+        "hpcds.cli.data_cmd",
+        "data_group",
+        "Prepare training data: tokenized memmaps that `data.train` in a spec points at.",
+    ),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands are imported on first use, from a table of (module, attribute, summary)."""
+
+    def __init__(self, *args, lazy_commands: dict[str, tuple[str, str, str]], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            module, attribute, _ = self.lazy_commands[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Stand-ins carrying the summary: click shortens their help exactly as it would the real command's.
+        listed = {name: click.Command(name, help=summary) for name, (_, _, summary) in self.lazy_commands.items()}
+        click.Group.format_commands(click.Group(commands={**listed, **self.commands}), ctx, formatter)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy_commands=COMMAND_TABLE,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+@click.version_option(__version__, prog_name="hpcds")
+def cli() -> None:
+    """Launch and babysit DeepSpeed training on Slurm (or on this machine)."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Python's last garbage collection at exit walks every object the imports made (pydantic's are many): a seventh of
+    # `hpcds render`'s time. Objects frozen at exit are skipped; no command needs that pass (files are closed by
+    # `with`, and Python flushes stdout and stderr itself).
+    atexit.unregister(gc.freeze)  # once, however often main() runs in one process
+    atexit.register(gc.freeze)
+    try:
+        code = cli.main(args=argv, prog_name="hpcds", standalone_mode=False)
+    except HpcdsError as exc:
+        from rich.markup import escape
+
+        from hpcds.cli.common import err_console
+
+        # Escaped: error texts quote commands and stderr, where `[/...]` would read as rich markup.
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        from hpcds.cli.common import err_console
+
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    # Without standalone mode click returns a command's `ctx.exit(N)` code instead of exiting (e.g. `hpcds run`: 75).
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        sys.exit(code)

@@ -1,0 +1,159 @@
+"""`hpcds run` (train on this machine through DeepSpeed's launcher) and `hpcds sync` (upload offline W&B runs).
+
+`hpcds run SPEC` resolves the spec for one node with `--ranks` processes, then reuses the newest unfinished run
+directory under the runs root whose resolved spec is identical (so running the same command again resumes), or
+creates a new one like `hpcds submit` does, and starts the same launcher path as a Slurm node. Torch, DeepSpeed and
+wandb are never imported here: the ranks import them, in their own processes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from hpcds import runs
+from hpcds.cli.common import console, runs_root_option, spec_options
+from hpcds.errors import CommandError, HpcdsError
+
+EXIT_REQUEUE = 75  # the trainer's "saved at a step boundary, run me again" (hpcds.train.preempt)
+# Trainer events that end a launch, newest wins.
+_ENDINGS = ("finished", "stopped", "error")
+
+
+def _say(text: str) -> None:
+    # Paths must survive copy-paste: no wrapping, no markup parsing of '[' in folder names.
+    console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
+def local_spec(spec, ranks: int | None):
+    """The spec as one node with `ranks` processes (default: the spec's ranks per node)."""
+    from hpcds.spec import deep_merge, validate_spec
+
+    ranks = ranks or spec.slurm.ranks
+    tree = deep_merge(spec.model_dump(mode="json"), {"slurm": {"nodes": 1, "ranks_per_node": ranks}})
+    return validate_spec(tree, "hpcds run")
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run is finished once the trainer said so after its last start."""
+    ending = None
+    for event in runs.read_events(run_dir):
+        if event["event"] == "train_start":
+            ending = None
+        elif event["event"] == "finished":
+            ending = event
+    return ending is not None
+
+
+def find_resumable_run(root: Path, spec_text: str) -> Path | None:
+    """The newest unfinished run under `root` whose resolved spec.yaml is exactly `spec_text`."""
+    for run_dir in reversed(runs.list_runs(root)):
+        try:
+            same = (run_dir / runs.SPEC_FILE).read_text() == spec_text
+        except OSError:
+            continue
+        if same and not is_finished(run_dir):
+            return run_dir
+    return None
+
+
+def prepare_run(spec, root: Path, *, new: bool = False) -> tuple[Path, bool]:
+    """(run directory, reused?) for a local run of `spec` (already one node)."""
+    from hpcds.render import render_run_files
+
+    pinned, files = render_run_files(spec)
+    if not new:
+        found = find_resumable_run(root, files[runs.SPEC_FILE])
+        if found is not None:
+            return found, True
+    run_dir = runs.create_run(
+        root,
+        pinned.name,
+        lambda _: files,
+        meta={"wandb_id": runs.new_wandb_id(), "spec_name": spec.name, "local": True},
+    )
+    return run_dir, False
+
+
+def last_ending(run_dir: Path, since_time: float) -> dict | None:
+    found = None
+    for event in runs.read_events(run_dir):
+        if event["event"] in _ENDINGS and event.get("time", 0) >= since_time:
+            found = event
+    return found
+
+
+@click.command("run")
+@spec_options
+@click.option("--ranks", type=click.IntRange(min=1), help="Processes on this machine (default: the spec's ranks).")
+@click.option("--new", is_flag=True, help="Start a fresh run even if an unfinished one with this spec exists.")
+@runs_root_option
+def run_command(spec, spec_path, ranks, new, runs_root):
+    """Train SPEC on this machine (CPU ranks on gloo, or the GPUs); Ctrl-C saves, the same command resumes."""
+    import time
+
+    from hpcds.launch import launch_local
+
+    spec = local_spec(spec, ranks)
+    run_dir, reused = prepare_run(spec, runs_root, new=new)
+    _say(f"{'resuming run' if reused else 'new run'}: {run_dir}")
+    started = time.time()
+    code = launch_local(run_dir, spec.slurm.ranks)
+    ending = last_ending(run_dir, started)
+    kind = ending["event"] if ending else None
+    if kind == "finished":
+        _say(f"finished at step {ending.get('step')}: {run_dir}")
+        return
+    if kind == "stopped":
+        _say(f"stopped at step {ending.get('step')}; run the same command to resume")
+        # sys.exit, not click's Exit: the CLI runs click with standalone_mode=False, which returns Exit's code.
+        sys.exit(EXIT_REQUEUE)
+    message = ending.get("message") if ending else None
+    raise HpcdsError(
+        f"training exited with code {code}"
+        + (f": {message}" if message else "")
+        + f"\nhint: the ranks' output is above; events are in {run_dir / runs.EVENTS_FILE}"
+    )
+
+
+def _wandb_key_available() -> bool:
+    from hpcds.train.logging import read_netrc_text
+
+    return bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in read_netrc_text()
+
+
+@click.command("sync")
+@click.argument("run")
+@runs_root_option
+def sync_command(run, runs_root):
+    """Upload a run's offline W&B logs (one folder per trainer start, all into the same W&B run)."""
+    from hpcds.train.logging import offline_run_dirs
+
+    run_dir = runs.find_run(runs_root, run)
+    folders = offline_run_dirs(run_dir)
+    if not folders:
+        raise HpcdsError(f"{run_dir} has no offline W&B logs (wandb/offline-run-*): W&B was online or disabled")
+    if not _wandb_key_available():
+        raise HpcdsError(
+            "W&B has no API key here: run `wandb login` (or set WANDB_API_KEY) on a machine with "
+            f"network, then `hpcds sync {run}` again"
+        )
+    beside = Path(sys.executable).parent / "wandb"
+    wandb_cmd = str(beside) if beside.is_file() else shutil.which("wandb") or "wandb"
+    argv = [wandb_cmd, "sync", *map(str, folders)]
+    _say(f"uploading {len(folders)} offline folder{'s' if len(folders) != 1 else ''} of {run_dir.name}")
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True)
+    except OSError as exc:
+        raise CommandError(argv, None, str(exc), hint="install wandb in this environment") from None
+    if result.returncode != 0:
+        raise CommandError(argv, result.returncode, result.stderr or result.stdout)
+    _say(result.stdout.strip())
+
+
+COMMANDS = [run_command, sync_command]

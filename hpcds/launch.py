@@ -1,0 +1,215 @@
+"""Start DeepSpeed for a run: per node inside a Slurm job (`hpcds launch RUN_DIR`), or on this machine (`hpcds run`).
+
+Inside a job, `srun --ntasks-per-node=1 hpcds launch RUN_DIR` runs this once per node. Each copy asks Slurm for the
+allocation's hosts, computes its own node rank in this process (a `$SLURM_NODEID` expanded by the batch shell would be
+0 on every node), writes the DeepSpeed hostfile `RUN_DIR/hostfile-<jobid>` (every node writes the same text,
+atomically), checks it, logs a `launch` event and replaces itself with `deepspeed --hostfile H --no_ssh --node_rank R`,
+so the node's exit code is DeepSpeed's. SIGUSR2 is blocked first: the mask survives fork and exec, so DeepSpeed's
+launcher (which dies on USR1/USR2) outlives the warning Slurm sends to every process of the step, and the trainer
+ranks unblock it once their flag handler is installed. `deepspeed_argv` is the pure part both paths share.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from hpcds import runs
+from hpcds.errors import CommandError, HpcdsError
+
+TRAIN_MODULE = "hpcds.train"
+MASTER_PORT_BASE = 29500
+# Exit code of the trainer (and so of DeepSpeed and `hpcds launch`) meaning "saved at a step boundary, requeue me".
+EXIT_REQUEUE = 75
+
+
+def deepspeed_argv(
+    run_dir: Path,
+    *,
+    master_addr: str,
+    master_port: int,
+    hostfile: Path | None = None,
+    node_rank: int | None = None,
+    local_ranks: int | None = None,
+    gpu: bool = False,
+    deepspeed: str = "deepspeed",
+) -> list[str]:
+    """The DeepSpeed launcher's command line: per node from a hostfile (`node_rank` given) or local (`local_ranks`).
+
+    With a hostfile the ranks per node come from its `slots=`; `--num_gpus` would override them, so it is left out.
+    `--no_ssh` makes the launcher start only this node's ranks: no pdsh, no ssh, which clusters forbid.
+    """
+    argv = [deepspeed]
+    if hostfile is not None:
+        if node_rank is None:
+            raise ValueError("a hostfile launch needs node_rank")
+        argv += ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank)]
+    elif local_ranks is not None:
+        argv += ["--num_gpus" if gpu else "--num_accelerators", str(local_ranks)]
+    else:
+        raise ValueError("give a hostfile and node_rank, or local_ranks")
+    argv += ["--master_addr", master_addr, "--master_port", str(master_port), "--no_local_rank"]
+    return [*argv, "--module", TRAIN_MODULE, "--run-dir", str(run_dir)]
+
+
+def master_port_for_job(job_id: int) -> int:
+    """Same port on every node without talking to each other; jobs sharing a node rarely collide."""
+    return MASTER_PORT_BASE + job_id % 10000
+
+
+def node_rank_of(hosts: Sequence[str], env: Mapping[str, str]) -> int:
+    """This node's index in the allocation, from SLURMD_NODENAME (or SLURM_NODEID when the name is unknown)."""
+    name = env.get("SLURMD_NODENAME")
+    if name and name in hosts:
+        return list(hosts).index(name)
+    node_id = env.get("SLURM_NODEID")
+    if node_id is not None and node_id.isdigit() and int(node_id) < len(hosts):
+        return int(node_id)
+    raise HpcdsError(
+        f"this node ({name or 'SLURMD_NODENAME unset'}, SLURM_NODEID={node_id}) is not in the allocation "
+        f"{list(hosts)}; hpcds launch must run under srun inside the job (one task per node)"
+    )
+
+
+def parse_hostfile(text: str) -> dict[str, int]:
+    """Hosts and slots as DeepSpeed's `_parse_hostfile` reads them (`<host> slots=<n>`, # comments). No I/O here."""
+    hosts: dict[str, int] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) < 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit():
+            raise HpcdsError(f"bad hostfile line {raw!r}: expected '<host> slots=<n>'")
+        if parts[0] in hosts:
+            raise HpcdsError(f"hostfile names {parts[0]} twice")
+        hosts[parts[0]] = int(parts[1][6:])
+    return hosts
+
+
+def hostfile_text(hosts: Sequence[str], slots: int) -> str:
+    from hpcds.render import render_hostfile
+
+    return render_hostfile(list(hosts), slots)
+
+
+def check_hostfile(path: Path, hosts: Sequence[str], slots: int) -> None:
+    """DeepSpeed silently runs on localhost alone when its hostfile is missing: refuse instead."""
+    try:
+        found = parse_hostfile(path.read_text())
+    except FileNotFoundError:
+        raise HpcdsError(
+            f"hostfile {path} is missing after writing it; is the run directory on a shared filesystem?"
+        ) from None
+    expected = {host: slots for host in hosts}
+    if found != expected:
+        raise HpcdsError(f"hostfile {path} lists {found}, but the allocation is {expected}")
+
+
+def _deepspeed_executable() -> str:
+    beside = Path(sys.executable).parent / "deepspeed"
+    found = str(beside) if beside.is_file() else shutil.which("deepspeed")
+    if not found:
+        raise CommandError(["deepspeed"], None, "not found", hint="install DeepSpeed in this environment")
+    return found
+
+
+def _slurm_spec(run_dir: Path):
+    from hpcds.spec import load_spec
+
+    return load_spec(Path(run_dir) / runs.SPEC_FILE).slurm
+
+
+def _train_env(base: Mapping[str, str], gpu: bool) -> dict[str, str]:
+    env = dict(base)
+    if not gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's autodetection guesses, and says so on every rank
+    return env
+
+
+def launch_node(run_dir: Path, env: Mapping[str, str] | None = None) -> None:
+    """`hpcds launch`: one node's share of the job; replaces this process with DeepSpeed's launcher."""
+    env = dict(os.environ if env is None else env)
+    run_dir = Path(run_dir).absolute()
+    job_id = env.get("SLURM_JOB_ID")
+    nodelist = env.get("SLURM_JOB_NODELIST")
+    if not job_id or not nodelist:
+        raise HpcdsError("hpcds launch runs inside a Slurm job (SLURM_JOB_ID is unset); use `hpcds run` locally")
+    from hpcds import slurm
+
+    hosts = slurm.show_hostnames(nodelist)
+    expected_nodes = env.get("SLURM_JOB_NUM_NODES")
+    if not hosts or (expected_nodes and int(expected_nodes) != len(hosts)):
+        raise HpcdsError(f"scontrol gave hosts {hosts} for {nodelist}, but SLURM_JOB_NUM_NODES={expected_nodes}")
+    node_rank = node_rank_of(hosts, env)
+    spec = _slurm_spec(run_dir)
+    gpu = spec.gpus_per_node > 0
+    hostfile = run_dir / f"hostfile-{job_id}"
+    runs.write_text_atomic(hostfile, hostfile_text(hosts, spec.ranks))
+    check_hostfile(hostfile, hosts, spec.ranks)
+    argv = deepspeed_argv(
+        run_dir,
+        master_addr=hosts[0],
+        master_port=master_port_for_job(int(job_id)),
+        hostfile=hostfile,
+        node_rank=node_rank,
+        gpu=gpu,
+        deepspeed=_deepspeed_executable(),
+    )
+    restart = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    runs.append_event(
+        run_dir, "launch", job_id=job_id, restart=restart, host=hosts[node_rank], node_rank=node_rank, argv=argv
+    )
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(argv[0], argv, _train_env(env, gpu))
+    except OSError as exc:
+        raise CommandError(argv, None, str(exc)) from None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_local(run_dir: Path, ranks: int) -> int:
+    """`hpcds run`: the same DeepSpeed launcher on this machine with `ranks` processes; returns its exit code.
+
+    Ctrl-C reaches every rank through the terminal's process group; we keep waiting so the trainer can save and exit
+    on its own. A second Ctrl-C stops waiting politely and terminates the launcher.
+    """
+    run_dir = Path(run_dir).absolute()
+    gpu = _slurm_spec(run_dir).gpus_per_node > 0
+    argv = deepspeed_argv(
+        run_dir,
+        master_addr="127.0.0.1",
+        master_port=free_port(),
+        local_ranks=ranks,
+        gpu=gpu,
+        deepspeed=_deepspeed_executable(),
+    )
+    runs.append_event(run_dir, "launch", job_id=None, restart=0, host=socket.gethostname(), node_rank=0, argv=argv)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    try:
+        process = subprocess.Popen(argv, env=_train_env(os.environ, gpu))
+    except OSError as exc:
+        raise CommandError(argv, None, str(exc)) from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    interrupts = 0
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts >= 2:
+                process.terminate()

@@ -1,0 +1,353 @@
+"""Text that hpcds hands to Slurm and DeepSpeed: the batch script, the DeepSpeed JSON config and the hostfile.
+
+Pure functions of a validated `JobSpec` (plus the run directory the script lives in); the templates are jinja2 files in
+hpcds/templates/. The spec already rejects control characters in every string; the renderer checks again whatever it
+puts on an `#SBATCH` line (sbatch has its own parser: whitespace, quotes, `\\` and `#` mean something to it) and
+shell-quotes every value that reaches a shell word, so a spec value is either refused here or inert in the script.
+Only `slurm.setup` lines are shell code by design and go in verbatim. No I/O here, except `hpcds_command`, which looks
+at the running interpreter to name the `hpcds` a batch job should call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+import unicodedata
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hpcds import __version__
+from hpcds.errors import HpcdsError, Problem, SpecError
+
+if TYPE_CHECKING:
+    import jinja2
+
+    from hpcds.spec import JobSpec
+
+# Exit code of a trainer that saved a checkpoint after a warning/stop signal and wants the job requeued (EX_TEMPFAIL).
+REQUEUE_EXIT_CODE = 75
+# DeepSpeed prints its own step log every `steps_per_print` steps; hpcds logs progress itself.
+STEPS_PER_PRINT = 1 << 30
+# ZeRO 1/2 bucket sizes in elements: DeepSpeed's defaults, which suit models from ~100M parameters up.
+ZERO12_BUCKET_ELEMENTS = 500_000_000
+# Environment names the batch script relies on, or that make every later bash run code from a value.
+RESERVED_ENV = frozenset(
+    {"RUN_DIR", "SLURM_JOB_ID", "SLURM_JOBID", "SLURM_RESTART_COUNT", "SLURM_JOB_NODELIST"}
+    | {"BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "IFS", "PS4", "PROMPT_COMMAND"}
+)
+# Characters with a meaning to sbatch's `#SBATCH` parser (or to the output file pattern, for `%`).
+_SBATCH_SPECIAL = re.compile(r"[\s\"'\\#]")
+
+
+@cache
+def _templates() -> jinja2.Environment:
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("hpcds", "templates"),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepSpeed config
+
+
+def render_ds_config(spec: JobSpec) -> dict[str, Any]:
+    """The DeepSpeed JSON for a spec whose ZeRO stage is pinned (an int), with `deepspeed.config` merged last.
+
+    No "optimizer" or "scheduler" section: the trainer passes torch's AdamW as a client optimizer (DeepSpeed's own
+    Adam variants compile ops at start-up) and runs its own learning-rate schedule.
+    """
+    from hpcds.spec import deep_merge
+
+    ds = spec.deepspeed
+    stage = ds.zero_stage
+    if isinstance(stage, bool) or not isinstance(stage, int):
+        raise HpcdsError(
+            f"deepspeed.zero_stage is {stage!r}; the DeepSpeed config needs a number. "
+            "Pin the strategy first (hpcds.plan.pin_strategy, which `hpcds submit` does), or set zero_stage: 0-3."
+        )
+    training = spec.training
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
+        "gradient_accumulation_steps": training.grad_accum_steps,
+        "train_batch_size": spec.global_batch_size,
+        "gradient_clipping": training.grad_clip,
+        "steps_per_print": STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+    }
+    if training.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif training.precision == "fp16":
+        # loss_scale 0 = dynamic loss scaling, starting at 2**16 and halving on overflow.
+        config["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    config["zero_optimization"] = _zero_config(spec, stage)
+    if ds.offload_optimizer != "none":
+        # DeepSpeed refuses a client optimizer with ZeRO-Offload unless told that this is on purpose.
+        config["zero_force_ds_cpu_optimizer"] = False
+    return deep_merge(config, ds.config)
+
+
+def _zero_config(spec: JobSpec, stage: int) -> dict[str, Any]:
+    ds = spec.deepspeed
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 0:
+        return zero
+    zero.update(overlap_comm=True, contiguous_gradients=True)
+    if stage in (1, 2):
+        zero.update(
+            allgather_partitions=True,
+            allgather_bucket_size=ZERO12_BUCKET_ELEMENTS,
+            reduce_scatter=True,
+            reduce_bucket_size=ZERO12_BUCKET_ELEMENTS,
+        )
+    else:
+        # Stage 3 buckets scale with the hidden size (the rule transformers' "auto" values use): hidden**2 elements
+        # per reduce bucket, 90% of that per prefetch, and parameters under 10 * hidden stay unpartitioned.
+        hidden = spec.model.d_model
+        zero.update(
+            reduce_bucket_size=hidden * hidden if hidden else ZERO12_BUCKET_ELEMENTS,
+            stage3_prefetch_bucket_size=int(0.9 * hidden * hidden) if hidden else ZERO12_BUCKET_ELEMENTS,
+            stage3_param_persistence_threshold=10 * hidden if hidden else 1_000_000,
+            stage3_max_live_parameters=1_000_000_000,
+            stage3_max_reuse_distance=1_000_000_000,
+            sub_group_size=1_000_000_000,
+            # Gather the full 16-bit weights on save so a checkpoint loads without zero_to_fp32.
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.nvme_path)
+    if stage == 3 and ds.offload_params != "none":
+        zero["offload_param"] = _offload(ds.offload_params, ds.nvme_path)
+    return zero
+
+
+def _offload(device: str, nvme_path: str | None) -> dict[str, Any]:
+    section: dict[str, Any] = {"device": device, "pin_memory": True}
+    if device == "nvme":
+        section["nvme_path"] = nvme_path
+    return section
+
+
+def render_ds_config_json(spec: JobSpec) -> str:
+    return json.dumps(render_ds_config(spec), indent=2) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hostfile
+
+
+def render_hostfile(hosts: Sequence[str], slots: int) -> str:
+    """DeepSpeed's hostfile: one `<host> slots=<N>` line per node, in allocation order (node rank = line index)."""
+    if isinstance(hosts, str):
+        raise HpcdsError("render_hostfile takes a list of host names, not one string")
+    if not hosts:
+        raise HpcdsError("no hosts for the hostfile: the allocation's node list is empty")
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise HpcdsError(f"slots per host must be a positive integer, not {slots!r}")
+    seen: set[str] = set()
+    for host in hosts:
+        if not host or any(c.isspace() or unicodedata.category(c)[0] in "CZ" for c in host) or host.startswith("#"):
+            raise HpcdsError(f"host name {host!r} cannot go in a hostfile (empty, whitespace, control character or #)")
+        if host in seen:
+            raise HpcdsError(f"host {host!r} appears twice; DeepSpeed refuses duplicate hostfile entries")
+        seen.add(host)
+    return "".join(f"{host} slots={slots}\n" for host in hosts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batch scripts
+
+
+def hpcds_command() -> list[str]:
+    """How a batch job runs this hpcds without the virtual environment activated: the console script next to the
+    running interpreter, else `python -m hpcds` with that interpreter. (Paths are not resolved: a venv's python is a
+    symlink whose target would lose the environment.)"""
+    bin_dir = Path(sys.executable).parent
+    script = bin_dir / "hpcds"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script.absolute())]
+    return [str(Path(sys.executable).absolute()), "-m", "hpcds"]
+
+
+def _command_words(hpcds_cmd: str | Sequence[str]) -> str:
+    words = [hpcds_cmd] if isinstance(hpcds_cmd, str) else list(hpcds_cmd)
+    if not words or any(not w or _has_control(w) for w in words):
+        raise HpcdsError(f"hpcds command {hpcds_cmd!r} is empty or has control characters")
+    return shlex.join(words)
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
+
+
+def _sbatch_problems(spec: JobSpec) -> list[Problem]:
+    """Values that would change how sbatch reads its `#SBATCH` lines. The spec's own patterns keep most of them out;
+    this is the last word for what the renderer writes there."""
+    slurm = spec.slurm
+    problems = []
+    candidates = [("name", spec.name)]
+    candidates += [
+        (f"slurm.{field}", getattr(slurm, field)) for field in ("mem", "time", "partition", "account", "qos")
+    ]
+    candidates += [(f"slurm.extra_sbatch[{i}]", flag) for i, flag in enumerate(slurm.extra_sbatch)]
+    for path, value in candidates:
+        if value is not None and (_has_control(value) or _SBATCH_SPECIAL.search(value)):
+            problems.append(
+                Problem(
+                    path,
+                    f"{value!r} has whitespace, a quote, a backslash or '#', which sbatch's #SBATCH parser would read "
+                    "as syntax",
+                    "remove those characters",
+                )
+            )
+    for field in ("time", "mem"):
+        value = getattr(slurm, field)
+        if value is not None and not value.isascii():
+            problems.append(Problem(f"slurm.{field}", f"{value!r} has non-ASCII characters", "Slurm reads digits 0-9"))
+    if slurm.constraint is not None and (_has_control(slurm.constraint) or re.search(r"[\"'\\#]", slurm.constraint)):
+        problems.append(Problem("slurm.constraint", "has a quote, a backslash or '#'", "remove those characters"))
+    for name in slurm.env:
+        if name in RESERVED_ENV or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            problems.append(
+                Problem(
+                    f"slurm.env.{name}",
+                    "is used by the batch script itself or changes how every later shell starts",
+                    "pick another variable name (or set it in slurm.setup if you really mean it)",
+                )
+            )
+    for i, line in enumerate(slurm.setup):
+        if _has_control(line):
+            problems.append(Problem(f"slurm.setup[{i}]", "has a control character", "one shell line per list item"))
+    return problems
+
+
+def check_run_dir(run_dir: str) -> str:
+    """The run directory goes literally into `#SBATCH --output=`: sbatch splits on whitespace, reads quotes, `\\`
+    and `#`, and expands `%` patterns there, so such paths are refused rather than half-working."""
+    text = str(run_dir)
+    if not os.path.isabs(text):
+        raise HpcdsError(f"run directory {text!r} must be an absolute path (the job starts in another directory)")
+    if _has_control(text) or _SBATCH_SPECIAL.search(text) or "%" in text:
+        raise HpcdsError(
+            f"run directory {text!r} has whitespace, a quote, '\\', '#', '%' or a control character, which an "
+            "#SBATCH line cannot hold; choose a runs folder without them (--runs-dir or HPCDS_RUNS_DIR)"
+        )
+    return text
+
+
+def _sbatch_word(value: str) -> str:
+    # A constraint such as "a100 & ib" holds spaces: sbatch groups a double-quoted argument.
+    return f'"{value}"' if re.search(r"\s", value) else value
+
+
+def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = "hpcds") -> str:
+    """The batch script of the run whose directory is `run_dir` (absolute; the output file goes there too).
+
+    `hpcds_cmd` is the hpcds the job runs; the default keeps generated text machine-independent (tests, templates),
+    and the code that creates a run directory passes `hpcds_command()`.
+    """
+    problems = _sbatch_problems(spec)
+    if problems:
+        raise SpecError(problems)
+    run_dir = check_run_dir(run_dir)
+    slurm = spec.slurm
+    resources = []
+    if slurm.cpus_per_task is not None:
+        resources.append(f"--cpus-per-task={slurm.cpus_per_task}")
+    if slurm.mem is not None:
+        resources.append(f"--mem={slurm.mem}")
+    resources.append(f"--time={slurm.time}")
+    for field in ("partition", "account", "qos"):
+        value = getattr(slurm, field)
+        if value is not None:
+            resources.append(f"--{field}={value}")
+    if slurm.constraint is not None:
+        resources.append(f"--constraint={_sbatch_word(slurm.constraint)}")
+    return (
+        _templates()
+        .get_template("job.sbatch.j2")
+        .render(
+            version=__version__,
+            run_name=os.path.basename(run_dir.rstrip("/")),
+            job_name=spec.name,
+            nodes=slurm.nodes,
+            gpus_per_node=slurm.gpus_per_node,
+            resource_flags=resources,
+            signal_lead_s=slurm.signal_lead_s,
+            output_path=f"{run_dir.rstrip('/') or '/'}/slurm-%j.out",
+            extra_sbatch=list(slurm.extra_sbatch),
+            run_dir_q=shlex.quote(run_dir),
+            setup=list(slurm.setup),
+            env=[(name, shlex.quote(value), "$" in value or "`" in value) for name, value in slurm.env.items()],
+            hpcds_cmd=_command_words(hpcds_cmd),
+            max_requeues=slurm.max_requeues,
+            max_failure_requeues=slurm.max_failure_requeues,
+            hang_limit_s=slurm.hang_limit_s,
+        )
+    )
+
+
+def render_submit_template(
+    template_path: str = "sbatch/deepspeed.sbatch",
+    nodes: int = 1,
+    signal_lead_s: int = 300,
+    hpcds_cmd: str | Sequence[str] = "hpcds",
+) -> str:
+    """The generic script a person submits with plain sbatch and a spec path (the files in sbatch/)."""
+    return (
+        _templates()
+        .get_template("submit.sbatch.j2")
+        .render(
+            version=__version__,
+            template_path=template_path,
+            nodes=int(nodes),
+            signal_lead_s=int(signal_lead_s),
+            hpcds_cmd=_command_words(hpcds_cmd),
+        )
+    )
+
+
+# The files in sbatch/, each generated by `render_submit_template` with these arguments (a test keeps them equal).
+SUBMIT_TEMPLATES: dict[str, dict[str, Any]] = {
+    "deepspeed.sbatch": {"nodes": 1},
+    "deepspeed-multinode.sbatch": {"nodes": 2},
+}
+
+
+def render_submit_templates() -> dict[str, str]:
+    return {
+        name: render_submit_template(template_path=f"sbatch/{name}", **kwargs)
+        for name, kwargs in SUBMIT_TEMPLATES.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A run's files
+
+
+def render_run_files(spec: JobSpec) -> tuple[JobSpec, dict[str, str]]:
+    """Pin the strategy (ZeRO stage etc., fixed for the life of the run) and render the files that do not depend on
+    where the run lives: `spec.yaml` (the resolved, pinned spec) and `ds_config.json`. The batch script needs the run
+    directory, so whoever creates it calls `render_sbatch(pinned, run_dir, hpcds_command())`."""
+    from hpcds.plan import pin_strategy
+
+    pinned = pin_strategy(spec)
+    return pinned, {"spec.yaml": pinned.to_yaml(), "ds_config.json": render_ds_config_json(pinned)}

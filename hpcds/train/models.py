@@ -1,0 +1,208 @@
+"""Models from the job spec's `model` section, all through transformers, built from a config and never downloaded.
+
+`mamba` -> MambaForCausalLM, `mamba2` -> Mamba2ForCausalLM, `gpt2` -> GPT2LMHeadModel, `hf` -> any local causal-LM
+folder (its weights, or a fresh init when the folder holds only config.json). Weights are initialised from `seed`
+alone, without touching the caller's global RNG. Dropout is off everywhere (LoRA's own dropout excepted). Mamba uses
+mamba-ssm's fused CUDA kernels when mamba-ssm and causal-conv1d import on a GPU machine; otherwise transformers'
+reference PyTorch path, and for Mamba-1 the `mambapy` parallel scan, which is many times faster on CPU than the
+sequential scan. Input/output embeddings are tied for every family, as in mamba-ssm and GPT-2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from pathlib import Path
+
+from hpcds.errors import HpcdsError
+
+
+def _importable(name: str) -> bool:
+    if importlib.util.find_spec(name) is None:
+        return False
+    try:
+        # mamba-ssm can be installed yet unusable (its CUDA extension missing): only a real import tells.
+        importlib.import_module(name)
+    except Exception:
+        return False
+    return True
+
+
+def fused_mamba_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and _importable("mamba_ssm") and _importable("causal_conv1d")
+
+
+def kernel_path(model) -> str:
+    """One line for the startup banner: which implementation the model's hot loop runs on."""
+    if model.type in ("mamba", "mamba2"):
+        if fused_mamba_available():
+            return "mamba-ssm fused CUDA kernels (selective scan + causal-conv1d)"
+        import torch
+
+        if not _importable("mamba_ssm"):
+            why = "mamba-ssm not installed"
+        elif not torch.cuda.is_available():
+            why = "no CUDA device"
+        else:
+            why = "mamba-ssm or causal-conv1d failed to import"
+        if model.type == "mamba2":
+            return f"reference PyTorch (chunked scan; {why})"
+        if _importable("mambapy"):
+            return f"reference PyTorch (mambapy parallel scan; {why})"
+        return f"reference PyTorch (sequential scan, slow; {why}; pip install mambapy for a faster scan)"
+    import torch
+
+    device = "CUDA" if torch.cuda.is_available() else "CPU"
+    return f"PyTorch scaled-dot-product attention on {device}"
+
+
+def _no_dropout(config) -> None:
+    for key, value in list(config.to_dict().items()):
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+            setattr(config, key, 0.0)
+
+
+def model_config(model):
+    """The transformers config for a mamba / mamba2 / gpt2 spec (hf models bring their own)."""
+    from transformers import GPT2Config, Mamba2Config, MambaConfig
+
+    if model.type == "mamba":
+        return MambaConfig(
+            vocab_size=model.vocab_size,
+            hidden_size=model.d_model,
+            num_hidden_layers=model.n_layer,
+            state_size=model.d_state,
+            conv_kernel=model.d_conv,
+            expand=model.expand,
+            use_mambapy=not fused_mamba_available() and _importable("mambapy"),
+            tie_word_embeddings=True,
+        )
+    if model.type == "mamba2":
+        return Mamba2Config(
+            vocab_size=model.vocab_size,
+            hidden_size=model.d_model,
+            num_hidden_layers=model.n_layer,
+            state_size=model.d_state,
+            conv_kernel=model.d_conv,
+            expand=model.expand,
+            head_dim=model.head_dim,
+            num_heads=model.expand * model.d_model // model.head_dim,
+            n_groups=model.n_groups,
+            tie_word_embeddings=True,
+        )
+    if model.type == "gpt2":
+        return GPT2Config(
+            vocab_size=model.vocab_size,
+            n_embd=model.d_model,
+            n_layer=model.n_layer,
+            n_head=model.n_head,
+            n_positions=model.max_seq_len,
+            n_inner=model.d_ff,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+            # GPT-2's end-of-text id (50256) lies outside smaller vocabularies.
+            bos_token_id=min(50256, model.vocab_size - 1),
+            eos_token_id=min(50256, model.vocab_size - 1),
+        )
+    raise ValueError(f"no built-in config for model type {model.type}")
+
+
+def build_model(model, *, seed: int, zero3_config: dict | None = None):
+    """A fresh (or, for `hf`, loaded) causal LM in fp32 on CPU; LoRA-wrapped when `model.lora` is set.
+
+    With `zero3_config` (the run's DeepSpeed config, ZeRO stage 3) the model is built inside DeepSpeed's `zero.Init`:
+    every parameter is partitioned as it is created (and `from_pretrained` loads weights shard by shard), so no rank
+    ever holds the whole model, which is what lets a model larger than one GPU's (or one rank's share of host) memory
+    start at all.
+    """
+    import torch
+    import transformers
+
+    classes = {
+        "mamba": transformers.MambaForCausalLM,
+        "mamba2": transformers.Mamba2ForCausalLM,
+        "gpt2": transformers.GPT2LMHeadModel,
+    }
+    with torch.random.fork_rng(devices=[]), _zero3_init(zero3_config, builtin=model.type != "hf"):
+        torch.manual_seed(seed)
+        if model.type == "hf":
+            net = _load_hf(model.path)
+        else:
+            config = model_config(model)
+            net = classes[model.type](config)
+        if model.lora is not None:
+            net = _with_lora(net, model.lora)
+    net.train()
+    return net
+
+
+@contextlib.contextmanager
+def _zero3_init(ds_config: dict | None, *, builtin: bool):
+    """transformers' HfDeepSpeedConfig (from_pretrained / from_config then use zero.Init themselves), plus an explicit
+    zero.Init for the families built by calling the model class directly."""
+    if ds_config is None:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # transformers keeps only a weak reference: this object must stay alive while the model is built.
+    hf_config = HfDeepSpeedConfig(ds_config)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config) if builtin else contextlib.nullcontext():
+        yield
+    del hf_config
+
+
+def _load_hf(path: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise HpcdsError(
+            f"model.path {path!r}: no local model config found ({exc.__class__.__name__})"
+            "\nhint: hpcds never downloads models (compute nodes are offline); download on a machine with internet, "
+            "e.g. `huggingface-cli download NAME --local-dir DIR`, and set model.path to DIR"
+        ) from None
+    _no_dropout(config)
+    weights = ("*.safetensors", "*.bin", "*.pt")
+    has_weights = not folder.is_dir() or any(next(folder.glob(pattern), None) for pattern in weights)
+    if not has_weights:
+        return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype="float32")
+
+
+def _with_lora(net, lora):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise HpcdsError("model.lora needs the peft package\nhint: pip install 'hpcds[lora]'") from None
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules) or None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(net, config)
+    except ValueError as exc:
+        raise HpcdsError(
+            f"model.lora: {exc}\nhint: set model.lora.target_modules to module names of this model"
+        ) from None
+
+
+def enable_activation_checkpointing(net) -> None:
+    """Recompute each block's activations in backward (non-reentrant, which works with frozen LoRA bases)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5.x; the older name warns there
+        net.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(net, "enable_input_require_grads"):
+        net.enable_input_require_grads()

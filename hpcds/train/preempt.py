@@ -1,0 +1,141 @@
+"""Stop requests: signal handlers that only set a flag, and the one collective that makes every rank agree on it.
+
+Slurm warns with SIGUSR2 (`--signal=USR2@lead`), requeue / preemption / time limit / scancel send SIGTERM, and Ctrl-C
+under `hpcds run` sends SIGINT. Saving inside a handler hangs collectives, so a handler records the signal and returns;
+at the next optimizer-step boundary all ranks take the MAX of their flags (a rank the signal missed still stops), save,
+and exit with EXIT_REQUEUE. `hpcds launch` blocks SIGUSR2 before starting DeepSpeed's launcher (which dies on it); the
+ranks inherit the mask and unblock it only once their handler is in place.
+
+`HPCDS_TEST_FAULT` injects faults for the tests: `signal_at:N:TERM` makes rank 0 send itself that signal after step N,
+`kill_in_save:N` SIGKILLs rank 0 in the middle of step N's save (after the shards, before the commit),
+`raise_after:K` makes rank 0 raise at its K-th step boundary after each start (a failing job that still makes progress),
+`hang_after:K` makes rank 0 sleep there instead, in a job's first allocation only (a hung job: the other ranks wait
+in the collective, heartbeats stop), `step_sleep:S[:N]` makes rank 0 sleep S seconds at every boundary (of the first N
+allocations; a steady pace for tests that must catch a run mid-way, whatever the machine's load).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: "saved at a step boundary, run me again"
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+
+
+class StopFlag:
+    """Set from a signal handler; read at step boundaries."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.boundaries = 0  # step boundaries seen by this process, for the test faults
+        self.faults = faults_from_env()
+
+    def _handle(self, signum, frame) -> None:
+        if not self.signum:
+            self.signum = signum
+
+    def install(self) -> StopFlag:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+        # Inherited from `hpcds launch`, which blocks it so DeepSpeed's launcher survives Slurm's warning.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+        return self
+
+    def agree(self) -> int:
+        """The stop signal any rank received (0 = none), the same on every rank, from one collective per step.
+
+        A SUM of one-hot float flags rather than a MAX of an int: DeepSpeed routes float SUMs through its fast path
+        (shared memory between CPU ranks, NCCL on GPUs), while a MAX falls back to gloo's TCP round trip, which
+        measurably slowed small CPU steps. Several signals at once: the first of STOP_SIGNALS wins, on every rank.
+        """
+        import torch
+        from deepspeed import comm
+
+        self.boundaries += 1
+        self._inject_faults()
+        flags = torch.zeros(len(STOP_SIGNALS), dtype=torch.float32, device=collective_device())
+        if self.signum:
+            flags[STOP_SIGNALS.index(self.signum)] = 1.0
+        comm.all_reduce(flags)
+        for sig, count in zip(STOP_SIGNALS, flags.tolist(), strict=True):
+            if count > 0:
+                return int(sig)
+        return 0
+
+    def _inject_faults(self) -> None:
+        if os.environ.get("RANK", "0") != "0":
+            return
+        if self.faults.raise_after == self.boundaries - 1:
+            raise RuntimeError(f"HPCDS_TEST_FAULT raise_after:{self.faults.raise_after}: injected failure")
+        restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        if self.faults.step_sleep_s and restart < self.faults.step_sleep_allocations:
+            import time
+
+            time.sleep(self.faults.step_sleep_s)
+        first_start = restart == 0
+        if self.faults.hang_after == self.boundaries - 1 and first_start:
+            import time
+
+            while True:  # a real hang: no heartbeat, the other ranks block in the collective
+                time.sleep(60)
+
+
+def collective_device():
+    """NCCL reduces only GPU tensors; gloo only CPU ones."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+@dataclass(frozen=True)
+class Faults:
+    signal_at_step: int | None = None
+    signal_num: int = signal.SIGTERM
+    kill_in_save_step: int | None = None
+    raise_after: int | None = None
+    hang_after: int | None = None
+    step_sleep_s: float = 0.0
+    step_sleep_allocations: int = 1 << 30  # the first N allocations of a job (by SLURM_RESTART_COUNT)
+
+
+def parse_faults(text: str) -> Faults:
+    """'signal_at:4:TERM,kill_in_save:8' -> Faults. Unknown items are an error: a typo must not silently pass a test."""
+    from dataclasses import replace
+
+    faults = Faults()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, _, rest = item.partition(":")
+        if kind == "signal_at":
+            step, _, name = rest.partition(":")
+            faults = replace(faults, signal_at_step=int(step), signal_num=signal.Signals["SIG" + (name or "TERM")])
+        elif kind == "kill_in_save":
+            faults = replace(faults, kill_in_save_step=int(rest))
+        elif kind == "raise_after":
+            faults = replace(faults, raise_after=int(rest))
+        elif kind == "hang_after":
+            faults = replace(faults, hang_after=int(rest))
+        elif kind == "step_sleep":
+            seconds, _, allocations = rest.partition(":")
+            faults = replace(faults, step_sleep_s=float(seconds), step_sleep_allocations=int(allocations or 1 << 30))
+        else:
+            raise ValueError(
+                f"HPCDS_TEST_FAULT: unknown fault {item!r} "
+                "(signal_at:N:SIG, kill_in_save:N, raise_after:K, hang_after:K, step_sleep:S[:N])"
+            )
+    return faults
+
+
+def faults_from_env() -> Faults:
+    return parse_faults(os.environ.get("HPCDS_TEST_FAULT", ""))

@@ -1,0 +1,54 @@
+"""What the trainer tells people and `hpcds status`: the console line, `progress.json`, and per-node heartbeats.
+
+Rank 0 rewrites `RUN_DIR/progress.json` atomically every log interval; local rank 0 of each node rewrites
+`RUN_DIR/heartbeats/<hostname>.json`, so `hpcds status` can tell a slow node from a hung one. The formatting
+functions are pure; the two writers are thin.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from hpcds.runs import HEARTBEAT_DIR, PROGRESS_FILE, write_json_atomic
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+
+
+def format_rate(tokens_per_s: float) -> str:
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if tokens_per_s >= scale:
+            return f"{tokens_per_s / scale:.1f}{unit}"
+    return f"{tokens_per_s:.0f}"
+
+
+def format_step_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_s: float, step_time_s: float) -> str:
+    """'step 50/200 | loss 2.3141 | lr 2.9e-03 | 12.3k tok/s | 0.21 s/step | ETA 31s'."""
+    eta = format_duration((max_steps - step) * step_time_s)
+    return (
+        f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {format_rate(tokens_per_s)} tok/s | "
+        f"{step_time_s:.2f} s/step | ETA {eta}"
+    )
+
+
+def render_banner(info: dict[str, Any]) -> str:
+    """The startup banner: one 'key: value' line each, in the order given."""
+    width = max(len(k) for k in info)
+    return "\n".join(f"  {key.ljust(width)}  {value}" for key, value in info.items())
+
+
+def write_progress(run_dir: Path, **fields: Any) -> None:
+    write_json_atomic(Path(run_dir) / PROGRESS_FILE, {**fields, "time": round(time.time(), 3)})
+
+
+def write_heartbeat(run_dir: Path, step: int) -> None:
+    folder = Path(run_dir) / HEARTBEAT_DIR
+    folder.mkdir(exist_ok=True)
+    write_json_atomic(folder / f"{socket.gethostname()}.json", {"time": round(time.time(), 3), "step": step})

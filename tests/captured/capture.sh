@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Re-captures the Slurm output the parser tests read, from the project's local cluster (scripts/local-slurm up).
+# Runs a handful of tiny jobs (completed, failed with exit 3, cancelled, requeued, pending, two-node) and saves what
+# squeue, scontrol, sbatch and sacct print about them. Takes about a minute.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+eval "$("$here/../../scripts/local-slurm" env)"
+work=$(mktemp -d)
+cd "$work"
+fields=$(python3 -c 'import hpcds.slurm as s; print(s.SQUEUE_FORMAT)')
+
+requeued=$(sbatch --parsable --requeue -N2 --wrap 'sleep 60')
+for _ in $(seq 60); do
+	[[ $(squeue --noheader -j "$requeued" -o %T) == RUNNING ]] && break
+	sleep 0.5
+done
+scontrol requeue "$requeued"
+sbatch --parsable --wrap 'true' >"$here/sbatch_parsable.txt"
+ok=$(cat "$here/sbatch_parsable.txt")
+failed=$(sbatch --parsable -J exit-three --wrap 'exit 3')
+cancelled=$(sbatch --parsable --time=5 --wrap 'sleep 60')
+running=$(sbatch --parsable --time=1-00:00:00 -J 'quickstart-20261123-113512-a name with spaces' --wrap 'sleep 60')
+pending=$(sbatch --parsable -N2 -c2 --time=00:02:00 --wrap 'sleep 1')
+sleep 3
+scancel "$cancelled"
+sleep 1
+squeue --noheader --states=all -O "$fields" >"$here/squeue_all.txt"
+scontrol show job -o "$failed" >"$here/scontrol_show_job_failed.txt"
+scontrol show job -o "$requeued" >"$here/scontrol_show_job_requeued.txt"
+scontrol show job -o "$running" >"$here/scontrol_show_job_running.txt"
+scontrol show job -o 999999 >"$here/scontrol_show_job_invalid.txt" 2>&1 || true
+scontrol show hostnames 'n[1-2]' >"$here/scontrol_show_hostnames.txt"
+scontrol show config >"$here/scontrol_show_config.txt"
+sacct -j "$ok" >"$here/sacct_disabled.txt" 2>&1 || true
+scancel "$requeued" "$running" "$pending"
+rm -rf "$work"
+echo "captured jobs $ok..$pending into $here"

@@ -1,0 +1,168 @@
+"""Parameter counts computed from the architecture equal what transformers (and peft) build, on small shapes."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcds.plan import count_params
+from hpcds.spec import ModelSpec
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+
+def _built(model_cls, config) -> tuple[int, int]:
+    """(total, largest layer) exactly as DeepSpeed's model_to_params counts them: shared tensors once."""
+    torch.manual_seed(0)
+    model = model_cls(config)
+    total = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return total, largest
+
+
+def _check(spec: ModelSpec, model_cls) -> None:
+    """Build the model from the trainer's own config for the spec (hpcds.train.models) and compare."""
+    from hpcds.train.models import model_config
+
+    total, largest = _built(model_cls, model_config(spec))
+    count = count_params(spec)
+    assert (count.total, count.largest_layer) == (total, largest)
+    assert count.trainable == total and count.frozen == 0
+
+
+@pytest.mark.parametrize(
+    ("d_model", "n_layer", "vocab", "d_state", "d_conv", "expand"),
+    [(64, 2, 256, 16, 4, 2), (40, 3, 1000, 8, 3, 2), (17, 1, 50, 4, 2, 3), (96, 2, 32, 16, 4, 1)],
+)
+def test_mamba(d_model, n_layer, vocab, d_state, d_conv, expand):
+    spec = ModelSpec(
+        type="mamba", d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_state=d_state, d_conv=d_conv, expand=expand
+    )
+    _check(spec, transformers.MambaForCausalLM)
+
+
+@pytest.mark.parametrize(
+    ("d_model", "n_layer", "vocab", "d_state", "head_dim", "n_groups"),
+    [(64, 2, 256, 16, 32, 1), (64, 1, 100, 8, 16, 2), (96, 2, 512, 32, 64, 1), (32, 3, 77, 4, 8, 4)],
+)
+def test_mamba2(d_model, n_layer, vocab, d_state, head_dim, n_groups):
+    spec = ModelSpec(
+        type="mamba2",
+        d_model=d_model,
+        n_layer=n_layer,
+        vocab_size=vocab,
+        d_state=d_state,
+        head_dim=head_dim,
+        n_groups=n_groups,
+    )
+    _check(spec, transformers.Mamba2ForCausalLM)
+
+
+@pytest.mark.parametrize(
+    ("d_model", "n_layer", "n_head", "d_ff", "vocab", "seq"),
+    [(64, 2, 4, None, 256, 128), (48, 3, 3, 100, 1000, 64), (32, 1, 1, 32, 50, 16)],
+)
+def test_gpt2(d_model, n_layer, n_head, d_ff, vocab, seq):
+    spec = ModelSpec(
+        type="gpt2", d_model=d_model, n_layer=n_layer, n_head=n_head, d_ff=d_ff, vocab_size=vocab, max_seq_len=seq
+    )
+    _check(spec, transformers.GPT2LMHeadModel)
+
+
+@pytest.mark.parametrize(("d_model", "n_layer", "d_ff", "vocab"), [(64, 2, 172, 256), (32, 3, 128, 99)])
+def test_hf_llama_like(d_model, n_layer, d_ff, vocab):
+    spec = ModelSpec(
+        type="hf", path="some/llama", d_model=d_model, n_layer=n_layer, n_head=4, d_ff=d_ff, vocab_size=vocab
+    )
+    config = transformers.LlamaConfig(
+        hidden_size=d_model,
+        num_hidden_layers=n_layer,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=d_ff,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+    )
+    total, largest = _built(transformers.LlamaForCausalLM, config)
+    count = count_params(spec)
+    assert (count.total, count.largest_layer) == (total, largest)
+
+
+def test_7b_mamba_true_count_on_the_meta_device():
+    from hpcds.train.models import model_config
+
+    spec = ModelSpec(type="mamba", d_model=4864, n_layer=45, vocab_size=50257, max_seq_len=4096)
+    with torch.device("meta"):
+        model = transformers.MambaForCausalLM(model_config(spec))
+    assert sum(p.numel() for p in model.parameters()) == count_params(spec).total == 6_922_702_592
+
+
+@pytest.mark.parametrize(
+    ("model_type", "targets", "r"),
+    [
+        ("gpt2", [], 4),
+        ("gpt2", ["c_attn", "c_proj"], 2),
+        ("gpt2", ["c_fc"], 8),
+        ("hf", [], 4),
+        ("hf", ["down_proj"], 2),
+    ],
+)
+def test_lora_trainable_equals_peft(model_type, targets, r):
+    peft = pytest.importorskip("peft")
+    lora = {"r": r, "target_modules": targets}
+    if model_type == "gpt2":
+        spec = ModelSpec(type="gpt2", d_model=32, n_layer=2, n_head=2, vocab_size=64, max_seq_len=16, lora=lora)
+        from hpcds.train.models import model_config
+
+        base = transformers.GPT2LMHeadModel(model_config(spec))
+    else:
+        spec = ModelSpec(type="hf", path="x", d_model=32, n_layer=2, n_head=4, d_ff=48, vocab_size=64, lora=lora)
+        config = transformers.LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=48,
+            vocab_size=64,
+            tie_word_embeddings=False,
+        )
+        base = transformers.LlamaForCausalLM(config)
+    peft_config = peft.LoraConfig(r=r, lora_alpha=16, target_modules=targets or None, task_type="CAUSAL_LM")
+    model = peft.get_peft_model(base, peft_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    count = count_params(spec)
+    assert (count.trainable, count.total) == (trainable, total)
+
+
+def _kept_bytes(model, ids) -> int:
+    """Bytes of every tensor autograd keeps for backward in one forward + loss (storages counted once, no weights)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize(
+    ("d_model", "n_head", "seq", "precision"),
+    [(128, 4, 512, "fp32"), (128, 4, 512, "bf16"), (256, 8, 64, "bf16"), (256, 2, 32, "fp32")],
+)
+def test_gpt2_activation_estimate_covers_what_transformers_keeps(d_model, n_head, seq, precision):
+    """Long sequences: the paper's softmax term dominates; short and wide: GPT-2's own tensors do. Both are covered."""
+    from hpcds.plan import activation_bytes
+    from hpcds.train.models import model_config
+
+    spec = ModelSpec(type="gpt2", d_model=d_model, n_layer=2, n_head=n_head, vocab_size=300, max_seq_len=seq)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    model = transformers.GPT2LMHeadModel(model_config(spec)).to(dtype).train()
+    kept = _kept_bytes(model, torch.randint(0, 300, (2, seq)))
+    planned = activation_bytes(spec, 2, seq, precision, checkpointing=False)
+    assert kept <= planned < 2 * kept

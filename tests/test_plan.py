@@ -1,0 +1,297 @@
+"""The memory planner against DeepSpeed's own estimators, the paper's formula, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from hpcds.cli import cli
+from hpcds.errors import HpcdsError
+from hpcds.plan import (
+    GIB,
+    STRATEGY_ORDER,
+    ParamCount,
+    Strategy,
+    activation_bytes,
+    checkpoint_bytes,
+    checkpoint_save_s,
+    count_params,
+    model_state_bytes,
+    pin_strategy,
+    plan_job,
+)
+from hpcds.spec import load_spec
+
+# (total params, largest layer): the presets' true counts, plus odd sizes that exercise DeepSpeed's int() truncation
+MODELS = {
+    "7b_mamba": (6_922_702_592, 244_450_048),
+    "3b_mamba": (2_761_866_240, 180_121_088),
+    "gpt2-xl": (1_557_611_200, 80_411_200),
+    "odd": (123_456_789, 9_876_543),
+}
+# (model, GPUs per node, nodes)
+LAYOUTS = [
+    ("7b_mamba", 4, 1),
+    ("7b_mamba", 6, 1),
+    ("7b_mamba", 8, 1),
+    ("7b_mamba", 8, 2),
+    ("3b_mamba", 4, 1),
+    ("3b_mamba", 3, 3),
+    ("gpt2-xl", 1, 1),
+    ("gpt2-xl", 2, 4),
+    ("odd", 7, 1),
+    ("odd", 5, 3),
+]
+ZERO2 = [(Strategy(2), False), (Strategy(2, offload_optimizer=True), True)]
+ZERO3 = [
+    (Strategy(3), (False, False)),
+    (Strategy(3, offload_optimizer=True), (True, False)),
+    (Strategy(3, offload_optimizer=True, offload_params=True), (True, True)),
+]
+
+
+@pytest.fixture(scope="module")
+def ds():
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    return stage_1_and_2, stage3
+
+
+def _count(model: str) -> ParamCount:
+    total, largest = MODELS[model]
+    return ParamCount(total=total, trainable=total, frozen=0, largest_layer=largest)
+
+
+@pytest.mark.parametrize(("model", "gpus", "nodes"), LAYOUTS)
+def test_model_states_equal_deepspeed_estimators_to_the_byte(ds, model, gpus, nodes):
+    stage12, stage3 = ds
+    params = _count(model)
+    for strategy, offload in ZERO2:  # 10 layouts x 5 strategies = 50 cases
+        cpu_ds, gpu_ds = stage12.estimate_zero2_model_states_mem_needs(
+            params.total, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload
+        )
+        p, g, o, cpu = model_state_bytes(strategy, params, gpus, nodes, "bf16")
+        assert (p + g + o, cpu) == (gpu_ds, cpu_ds), strategy.name
+    for strategy, (off_opt, off_par) in ZERO3:
+        cpu_ds, gpu_ds, _ = stage3.estimate_zero3_model_states_mem_needs(
+            params.total,
+            params.largest_layer,
+            num_gpus_per_node=gpus,
+            num_nodes=nodes,
+            cpu_offload=off_opt,
+            cpu_offload_params=off_par,
+            zero_init=True,
+        )
+        p, g, o, cpu = model_state_bytes(strategy, params, gpus, nodes, "bf16")
+        assert (p + g + o, cpu) == (gpu_ds, cpu_ds), strategy.name
+
+
+def _printed(text: str) -> list[tuple[str, str, str]]:
+    return re.findall(r"^\s*([\d.]+)GB \|\s*([\d.]+)GB \| (.*)$", text, re.MULTILINE)
+
+
+@pytest.mark.parametrize("gpus", [4, 6, 8])
+def test_all_cold_printouts_match_the_plan_for_7b_mamba(ds, capsys, gpus):
+    """The `_all_cold` helpers print their table; the planner's rows print the same numbers."""
+    stage12, stage3 = ds
+    params = _count("7b_mamba")
+    stage12.estimate_zero2_model_states_mem_needs_all_cold(params.total, num_gpus_per_node=gpus)
+    zero2 = _printed(capsys.readouterr().out)
+    stage3.estimate_zero3_model_states_mem_needs_all_cold(params.total, params.largest_layer, num_gpus_per_node=gpus)
+    zero3 = [row for row in _printed(capsys.readouterr().out) if row[2].endswith("zero_init=1")]
+    # The options column names the offload device ("cpu", or "OffloadDeviceEnum.cpu" on some Pythons) or "none".
+    for cpu_gb, gpu_gb, options in zero2:
+        strategy = Strategy(2, "offload_optimizer=none" not in options)
+        p, g, o, cpu = model_state_bytes(strategy, params, gpus, 1)
+        assert (f"{cpu / GIB:.2f}", f"{(p + g + o) / GIB:.2f}") == (cpu_gb, gpu_gb)
+    for cpu_gb, gpu_gb, options in zero3:
+        strategy = Strategy(3, "offload_optimizer=none" not in options, "offload_param=none" not in options)
+        p, g, o, cpu = model_state_bytes(strategy, params, gpus, 1)
+        assert (f"{cpu / GIB:.2f}", f"{(p + g + o) / GIB:.2f}") == (cpu_gb, gpu_gb)
+    assert len(zero2) == 2 and len(zero3) == 3
+
+
+def test_zero0_and_zero1_follow_the_same_bookkeeping():
+    params = _count("odd")
+    total = params.total
+    p, g, o, _ = model_state_bytes(Strategy(0), params, 4, 1)
+    assert (p, g, o) == (2 * total, 6 * total, 12 * total)  # 20 bytes per parameter, nothing sharded
+    p, g, o, _ = model_state_bytes(Strategy(1), params, 4, 1)
+    assert p + g + o == 4 * total + int(16 * total / 4)  # only fp32 master, fp32 gradients and Adam sharded
+    p, g, o, _ = model_state_bytes(Strategy(0), params, 4, 1, "fp32")
+    assert p + g + o == 16 * total  # fp32 weights and gradients, Adam moments, no master copy
+
+
+def test_gpt_activations_equal_korthikanti_table_2():
+    spec = load_spec(None, preset="gpt2-xl")
+    model = spec.model
+    s, b, h, a, n_layer = model.max_seq_len, 2, model.d_model, model.n_head, model.n_layer
+    logits = b * s * model.vocab_size * (2 + 4 + 4)
+    final = b * s * (4 * h + 4)  # ln_f input and statistics, LM head input
+    per_layer = s * b * h * (34 + 5 * a * s / h)
+    no_recompute = activation_bytes(model, b, s, "bf16", checkpointing=False)
+    assert no_recompute == pytest.approx(n_layer * per_layer + final + logits)
+    with_recompute = activation_bytes(model, b, s, "bf16", checkpointing=True)
+    assert with_recompute == pytest.approx(n_layer * 2 * s * b * h + per_layer + final + logits)
+
+
+def test_mamba_activations_per_token_and_layer():
+    spec = load_spec(None, preset="7b_mamba")
+    model = spec.model
+    d, di, n, rank = 4864, 9728, 16, 304
+    # docs/memory.md, Mamba table: norm 4d + 2·2d, xz 2·2di, x_dbl 2(R+2N), B and C 2·2N, scan output 2di
+    per_token = 4 * d + 4 * d + 4 * di + 2 * (rank + 2 * n) + 4 * n + 2 * di
+    scan_states = di * 2 * 2 * n * 4  # two 2048-token chunks of fp32 (d_inner, 2N) states
+    logits = 4096 * model.vocab_size * 10
+    final = 4096 * (4 * d + 4 * d)  # norm_f: fp32 input, 16-bit normalised output, LM head input
+    expected = model.n_layer * (4096 * per_token + scan_states) + final + logits
+    assert activation_bytes(model, 1, 4096, "bf16", checkpointing=False) == expected
+
+
+def _plan_spec(gpus: int, *sets: str, preset: str = "7b_mamba"):
+    return load_spec(None, list(sets), {"gpus_per_node": gpus}, preset=preset)
+
+
+def test_7b_mamba_on_24gb_cards():
+    no_fit = plan_job(_plan_spec(4), gpu_mem_gb=24)
+    assert not no_fit.row(Strategy(2)).fits and not no_fit.row(Strategy(2, True)).fits
+    ckpt = plan_job(_plan_spec(8, "training.activation_checkpointing=true"), gpu_mem_gb=24)
+    assert ckpt.recommended.strategy == Strategy(2, offload_optimizer=True)
+    assert ckpt.params.total == 6_922_702_592
+    assert ckpt.flops_per_token == pytest.approx(6 * 6.92e9, rel=0.01)
+
+
+def test_recommendation_is_the_first_fitting_strategy_in_order():
+    plan = plan_job(_plan_spec(8, "training.activation_checkpointing=true"), gpu_mem_gb=80)
+    fitting = [r.strategy for r in plan.rows if r.fits]
+    assert plan.recommended.strategy == fitting[0] == next(s for s in STRATEGY_ORDER if s in fitting)
+    assert [r.strategy for r in plan.rows] == list(STRATEGY_ORDER)
+
+
+def test_pin_strategy_resolves_auto_and_keeps_fixed_stages():
+    spec = _plan_spec(8, "training.activation_checkpointing=true", "slurm.gpu_mem_gb=24")
+    pinned = pin_strategy(spec)
+    assert pinned.deepspeed.zero_stage == 2 and pinned.deepspeed.offload_optimizer == "cpu"
+    assert pinned.deepspeed.offload_params == "none" and spec.deepspeed.zero_stage == "auto"
+    fixed = _plan_spec(8, "deepspeed.zero_stage=3", "slurm.gpu_mem_gb=24")
+    assert pin_strategy(fixed) is fixed
+    big = _plan_spec(8, "training.activation_checkpointing=true", "slurm.gpu_mem_gb=80")
+    assert pin_strategy(big).deepspeed.zero_stage == 1 and pin_strategy(big).deepspeed.offload_optimizer == "none"
+
+
+def test_pin_strategy_keeps_the_offload_device_the_spec_asked_for():
+    spec = _plan_spec(8, "deepspeed.offload_optimizer=nvme", "deepspeed.nvme_path=/nvme", "slurm.gpu_mem_gb=80")
+    pinned = pin_strategy(spec)
+    assert pinned.deepspeed.offload_optimizer == "nvme" and pinned.deepspeed.zero_stage in (1, 2, 3)
+
+
+def test_nothing_fits_says_by_how_much_and_what_to_do():
+    spec = _plan_spec(1, "slurm.gpu_mem_gb=8", "training.micro_batch_size=8")
+    with pytest.raises(HpcdsError) as caught:
+        pin_strategy(spec)
+    text = str(caught.value)
+    assert "6.92B parameters" in text and "GiB per GPU" in text
+    assert "micro_batch_size" in text and "activation_checkpointing" in text and "--nodes" in text
+
+
+def test_cpu_ram_limit_from_slurm_mem():
+    spec = _plan_spec(4, "slurm.mem=64G", "training.activation_checkpointing=true", "slurm.gpu_mem_gb=80")
+    plan = plan_job(spec)
+    offload = plan.row(Strategy(3, True, True))
+    assert offload.cpu_bytes_per_node > 64 * GIB and not offload.fits
+
+
+def test_checkpoint_size_and_save_time():
+    params = ParamCount(total=1000, trainable=100, frozen=900, largest_layer=10)
+    assert checkpoint_bytes(params, "bf16") == 1000 * 2 + 100 * 12
+    assert checkpoint_save_s(2 * 10**9, bandwidth_gb_s=0.5) == pytest.approx(4.0)
+
+
+def test_hf_without_sizes_asks_for_them(tmp_path):
+    spec = load_spec(None, flags={}, sets=["name=x", "model.type=hf", f"model.path={tmp_path}"])
+    with pytest.raises(HpcdsError, match=r"model\.d_model, model\.n_layer"):
+        count_params(spec.model)
+    (tmp_path / "config.json").write_text(
+        json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 100})
+    )
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(f"name: x\nmodel:\n  type: hf\n  path: {tmp_path}\n")
+    result = CliRunner().invoke(cli, ["plan", str(spec_path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["params"] == 100 * 64 * 2 + 2 * (4 * 64 * 64 + 3 * 64 * 96 + 2 * 64) + 64
+
+
+def test_cli_json_and_table():
+    args = ["plan", "--preset", "7b_mamba", "--gpus-per-node", "8", "--gpu-mem-gb", "24"]
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["params"] == pytest.approx(6.92e9, rel=0.001)
+    assert len(data["strategies"]) == len(STRATEGY_ORDER)
+    assert {"stage", "params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "fits"} <= set(
+        data["strategies"][0]
+    )
+    table = CliRunner().invoke(cli, [*args, "--set", "training.activation_checkpointing=true"])
+    assert table.exit_code == 0, table.output
+    assert "recommended" in table.output and "ZeRO-2 + optimizer→CPU" in table.output
+    assert "6,922,702,592" in table.output
+
+
+def test_plan_command_stays_light():
+    code = (
+        "import sys; from hpcds.cli import main\n"
+        "try: main(['plan', '--preset', 'gpt2-xl', '--json'])\n"
+        "except SystemExit: pass\n"
+        "heavy = [m for m in ('torch', 'deepspeed', 'transformers', 'wandb') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_a_fixed_stage_is_reported_as_the_specs_own_choice():
+    spec = _plan_spec(4, "deepspeed.zero_stage=2", "slurm.gpu_mem_gb=24", "training.activation_checkpointing=true")
+    plan = plan_job(spec)
+    assert plan.chosen.strategy == Strategy(2) and not plan.chosen.fits
+    assert plan.recommended.strategy == Strategy(2, offload_optimizer=True)  # the same stage, with offload
+    assert plan_job(_plan_spec(4)).chosen is None
+    result = CliRunner().invoke(cli, ["plan", "--preset", "7b_mamba", "--gpus-per-node", "4", "--gpu-mem-gb", "24",
+                                      "--set", "deepspeed.zero_stage=2"])  # fmt: skip
+    assert result.exit_code == 0 and "ZeRO-2 does not fit" in result.output
+
+
+@pytest.mark.parametrize("preset", ["quickstart", "1b_mamba", "gpt2-xl"])
+def test_fp32_layers_cost_more_than_bf16_but_the_loss_less(preset):
+    model = load_spec(None, preset=preset).model
+    tokens_x_vocab = 2 * 64 * model.vocab_size
+    for checkpointing in (False, True):
+        # bf16 keeps 16-bit logits, their fp32 copy and the fp32 log-softmax (10 B); fp32 needs no copy (8 B).
+        bf16 = activation_bytes(model, 2, 64, "bf16", checkpointing) - 10 * tokens_x_vocab
+        fp32 = activation_bytes(model, 2, 64, "fp32", checkpointing) - 8 * tokens_x_vocab
+        assert bf16 < fp32 <= 2 * bf16
+
+
+def test_mamba2_plans():
+    spec = load_spec(None, ["model.type=mamba2", "model.head_dim=64"], {"gpus_per_node": 2}, preset="1b_mamba")
+    plan = plan_job(spec, gpu_mem_gb=80)
+    assert plan.recommended is not None and plan.params.total > 0.5e9
+
+
+def test_communication_buckets_follow_the_rendered_deepspeed_config():
+    from hpcds.plan import bucket_bytes
+
+    spec = _plan_spec(4)
+    params = count_params(spec.model)
+    # ZeRO-1/2: reduce_bucket_size (5e8) allocated twice with overlap_comm, in bf16
+    assert bucket_bytes(spec, Strategy(2), params) == 2 * 500_000_000 * 2
+    small = _plan_spec(4, "deepspeed.config.zero_optimization.reduce_bucket_size=200000000")
+    assert bucket_bytes(small, Strategy(2, offload_optimizer=True), params) == 2 * 200_000_000 * 2
+    d = spec.model.d_model  # ZeRO-3: a reduce bucket of d² and a prefetch bucket of 0.9 d²
+    assert bucket_bytes(spec, Strategy(3), params) == (d * d + int(0.9 * d * d)) * 2
+    row = plan_job(spec, gpu_mem_gb=80).row(Strategy(2))
+    assert row.total_bytes == row.model_state_bytes + row.activations_bytes + row.buffers_bytes

@@ -1,0 +1,229 @@
+"""Job spec: layering, validation that reports every problem with its path and a hint, presets, configs, docs."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hpcds.errors import SpecError
+from hpcds.presets import PRESETS
+from hpcds.spec import load_spec, parse_set, parse_slurm_time_s, validate_spec
+from hpcds.specdoc import render_spec_reference, spec_fields
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+def problems_of(excinfo) -> dict[str, str]:
+    return {p.path: f"{p.message} | {p.hint}" for p in excinfo.value.problems}
+
+
+def test_precedence_defaults_preset_yaml_set_flags(tmp_path):
+    path = write(
+        tmp_path, "name: run\npreset: 7b_mamba\nmodel: {max_seq_len: 2048}\nslurm: {nodes: 3, time: '1:00:00'}\n"
+    )
+    spec = load_spec(path)
+    assert spec.model.d_model == 4864  # preset
+    assert spec.model.max_seq_len == 2048  # YAML over preset
+    assert spec.training.lr == 3e-4  # default
+    spec = load_spec(path, ["slurm.nodes=5", "training.lr=1e-4", "model.max_seq_len=512"], {"nodes": 7})
+    assert spec.slurm.nodes == 7  # flag over --set over YAML
+    assert spec.training.lr == pytest.approx(1e-4)  # '1e-4' is a string to YAML; pydantic parses it
+    assert spec.model.max_seq_len == 512
+    assert spec.slurm.time == "1:00:00"
+
+
+def test_every_problem_reported_at_once_with_paths_and_hints(tmp_path):
+    path = write(
+        tmp_path,
+        """
+name: "x$(touch /tmp/p)"
+preset: 7b_mamba
+modle: {}
+training: {precison: bf16}
+deepspeed: {zero_stage: 1, offload_params: cpu}
+slurm: {partition: "a;b", env: {"A B": x}, extra_sbatch: ["--foo bar"]}
+wandb: {mode: loud}
+""",
+    )
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(path)
+    found = problems_of(excinfo)
+    assert set(found) >= {
+        "name",
+        "modle",
+        "training.precison",
+        "deepspeed.offload_params",
+        "slurm.partition",
+        "slurm.env.A B",
+        "slurm.extra_sbatch[0]",
+        "wandb.mode",
+    }
+    assert "did you mean 'model'" in found["modle"]
+    assert "did you mean 'precision'" in found["training.precison"]
+    assert "not a valid name" in found["name"]
+    assert "online" in found["wandb.mode"]  # the valid choices are listed
+    assert str(path) in str(excinfo.value)
+
+
+def test_cross_field_checks_collected_together(tmp_path):
+    path = write(
+        tmp_path,
+        """
+name: run
+model: {type: gpt2, d_model: 100, n_layer: 2, n_head: 3}
+training: {lr: 1e-4, min_lr: 1e-3, warmup_steps: 50, max_steps: 10}
+deepspeed: {zero_stage: 0, offload_optimizer: nvme}
+slurm: {time: "00:05:00", signal_lead_s: 600}
+""",
+    )
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(path)
+    found = problems_of(excinfo)
+    assert set(found) >= {
+        "model.n_head",
+        "training.min_lr",
+        "training.warmup_steps",
+        "deepspeed.offload_optimizer",
+        "deepspeed.nvme_path",
+        "slurm.signal_lead_s",
+    }
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["x\ny", "x\ry", "x\x00y", "x\u2028y", "x\x85y", "x\ty"],
+)
+def test_control_characters_rejected_in_free_text(tmp_path, bad):
+    tree = {"name": "ok", "preset": "quickstart", "wandb": {"project": bad}, "slurm": {"setup": [bad]}}
+    with pytest.raises(SpecError) as excinfo:
+        validate_spec(tree)
+    found = problems_of(excinfo)
+    assert "control character" in found["wandb.project"]
+    assert "control character" in found["slurm.setup[0]"]
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(tmp_path / "nope.yaml")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(write(tmp_path, "name: [unclosed\n"))
+    with pytest.raises(SpecError, match="mapping"):
+        load_spec(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(write(tmp_path, "name: x\npreset: 7b_mambo\n"))
+    assert "did you mean '7b_mamba'" in str(excinfo.value)
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(write(tmp_path, "name: x\n"))
+    assert problems_of(excinfo)["model"].startswith("is required")
+
+
+def test_parse_set():
+    assert parse_set("a.b=3") == ("a.b", 3)
+    assert parse_set("slurm.setup=[module load x, echo]") == ("slurm.setup", ["module load x", "echo"])
+    assert parse_set("x=") == ("x", "")
+    with pytest.raises(SpecError, match="KEY=VALUE"):
+        parse_set("novalue")
+    with pytest.raises(SpecError):
+        parse_set("bad key=1")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 5400), ("10:30", 630), ("1:00:00", 3600), ("2-00", 172800), ("1-02:03", 93780), ("0-00:00:30", 30)],
+)
+def test_slurm_time(text, seconds):
+    assert parse_slurm_time_s(text) == seconds
+
+
+def test_bad_slurm_time_rejected():
+    with pytest.raises(SpecError) as excinfo:
+        validate_spec({"name": "x", "preset": "quickstart", "slurm": {"time": "1h"}})
+    assert "slurm.time" in problems_of(excinfo)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "what"),
+    [
+        ("time", "\u0663\u0660:00:00", "Slurm time"),  # Arabic-Indic digits: a Unicode \d would take them
+        ("time", "\uff11:00:00", "Slurm time"),  # fullwidth 1
+        ("mem", "\u0666\u0664G", "memory size"),
+    ],
+)
+def test_non_ascii_digits_rejected_in_slurm_time_and_mem(field, value, what):
+    with pytest.raises(SpecError) as excinfo:
+        validate_spec({"name": "x", "preset": "quickstart", "slurm": {field: value}})
+    assert problems_of(excinfo)[f"slurm.{field}"].startswith(f"{value!r} is not a valid {what}")
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_validate(preset):
+    spec = load_spec(None, preset=preset)
+    assert spec.name == preset and spec.preset == preset
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_configs_validate_and_explain_every_line(config):
+    spec = load_spec(config)
+    assert spec.name == config.stem or spec.name.replace("-", "") == config.stem.replace("-", "")
+    # Commented so a newcomer understands them: a comment on most value lines.
+    lines = [
+        ln
+        for ln in config.read_text().splitlines()
+        if ":" in ln and not ln.lstrip().startswith(("#", "-")) and not ln.rstrip().endswith(":")
+    ]
+    commented = [ln for ln in lines if "#" in ln]
+    assert len(commented) >= 0.8 * len(lines), f"{config.name}: only {len(commented)}/{len(lines)} lines commented"
+
+
+def test_seed_configs_match_the_issue():
+    m7 = load_spec(ROOT / "configs/mamba7b.yaml")
+    assert (m7.training.micro_batch_size, m7.training.grad_accum_steps, m7.training.lr) == (1, 8, 1e-4)
+    assert (m7.training.max_steps, m7.deepspeed.zero_stage) == (200000, 2)
+    g = load_spec(ROOT / "configs/gpt2-xl.yaml")
+    assert (g.deepspeed.zero_stage, g.training.precision, g.training.micro_batch_size) == (2, "fp16", 1)
+    assert (g.training.grad_accum_steps, g.training.lr) == (32, 3e-5)
+
+
+def test_resolved_spec_round_trips():
+    spec = load_spec(ROOT / "configs/mamba7b.yaml", flags={"nodes": 2})
+    again = validate_spec(yaml.safe_load(spec.to_yaml()))
+    assert again == spec
+
+
+def test_spec_reference_is_current_and_complete():
+    doc_path = ROOT / "docs/spec.md"
+    text = doc_path.read_text()
+    begin, end = "<!-- BEGIN GENERATED", "<!-- END GENERATED -->"
+    head, _, rest = text.partition(begin)
+    marker_line, _, rest = rest.partition("\n")
+    generated, _, tail = rest.partition(end)
+    expected = "\n" + render_spec_reference() + "\n"
+    if generated != expected:
+        if os.environ.get("HPCDS_ACCEPT") == "1":
+            doc_path.write_text(head + begin + marker_line + "\n" + expected + end + tail)
+        else:
+            pytest.fail("docs/spec.md is out of date with hpcds/spec.py: rerun with HPCDS_ACCEPT=1 to regenerate")
+    for key, field in spec_fields():
+        assert f"`{key}`" in text, f"spec field {key} is not documented in docs/spec.md"
+        assert field.description, f"spec field {key} has no description"
+    assert re.search(r"--set", head)
+
+
+def test_secrets_never_go_into_the_spec():
+    with pytest.raises(SpecError) as excinfo:
+        validate_spec(
+            {"name": "x", "preset": "quickstart", "slurm": {"env": {"WANDB_API_KEY": "abc", "HF_TOKEN": "t"}}}
+        )
+    found = problems_of(excinfo)
+    assert {"slurm.env.WANDB_API_KEY", "slurm.env.HF_TOKEN"} <= set(found)
+    assert "secret" in found["slurm.env.WANDB_API_KEY"]

@@ -1,0 +1,172 @@
+"""The trainer's edges: `hpcds run` end to end (Ctrl-C saves, the same command resumes, the loss falls), the entry
+point started without a launcher, and the pure parts (W&B mode, console line, fault specs, run reuse)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcds import runs
+from hpcds.train.logging import NullLogger, choose_mode, redacted_config
+from hpcds.train.preempt import Faults, parse_faults
+from hpcds.train.progress import format_duration, format_step_line, render_banner
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_wandb_mode_auto_follows_the_api_key():
+    assert choose_mode("auto", {}) == "offline"
+    assert choose_mode("auto", {"WANDB_API_KEY": "k"}) == "online"
+    assert choose_mode("auto", {}, "machine api.wandb.ai\n  login user\n  password k") == "online"
+    assert choose_mode("auto", {"WANDB_MODE": "disabled", "WANDB_API_KEY": "k"}) == "disabled"
+    assert choose_mode("offline", {"WANDB_API_KEY": "k"}) == "offline"
+    assert choose_mode("disabled", {}) == "disabled"
+
+
+def test_wandb_config_never_carries_a_secret_from_slurm_env():
+    tree = {"name": "x", "slurm": {"env": {"WANDB_API_KEY": "s3cret", "HF_TOKEN": "t", "OMP_NUM_THREADS": "4"}}}
+    config = redacted_config(tree)
+    assert config["slurm"]["env"] == {"WANDB_API_KEY": "<redacted>", "HF_TOKEN": "<redacted>", "OMP_NUM_THREADS": "4"}
+    assert tree["slurm"]["env"]["WANDB_API_KEY"] == "s3cret"  # the spec itself is left alone
+
+
+def test_null_logger_takes_everything_and_says_disabled():
+    logger = NullLogger()
+    logger.log({"train/loss": 1.0}, step=3)
+    logger.finish(exit_code=75)
+    assert (logger.mode, logger.url, logger.dir) == ("disabled", None, None)
+
+
+def test_console_line_and_banner():
+    line = format_step_line(50, 200, 2.31412, 2.9e-3, 12345.0, 0.21)
+    assert line == "step 50/200 | loss 2.3141 | lr 2.90e-03 | 12.3k tok/s | 0.21 s/step | ETA 31s"
+    assert format_duration(3725) == "1h02m" and format_duration(95) == "1m35s"
+    assert render_banner({"world size": "2", "ZeRO": "stage 2"}) == "  world size  2\n  ZeRO        stage 2"
+
+
+def test_fault_specs_parse_and_typos_fail():
+    assert parse_faults("") == Faults()
+    faults = parse_faults("signal_at:4:USR2,kill_in_save:8")
+    assert (faults.signal_at_step, faults.signal_num, faults.kill_in_save_step) == (4, signal.SIGUSR2, 8)
+    with pytest.raises(ValueError, match="unknown fault"):
+        parse_faults("kill_at:3")
+
+
+def test_trainer_started_as_plain_python_names_the_right_command(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    result = subprocess.run(
+        [sys.executable, "-m", "hpcds.train", "--run-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "hpcds run SPEC" in result.stderr and "hpcds submit SPEC" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_reuse_picks_newest_unfinished_run_with_the_same_spec(tmp_path):
+    from hpcds.cli.train_cmd import find_resumable_run, is_finished, local_spec, prepare_run
+    from hpcds.spec import load_spec
+
+    spec = local_spec(load_spec(REPO / "configs" / "quickstart.yaml"), ranks=2)
+    first, reused = prepare_run(spec, tmp_path)
+    assert not reused
+    again, reused = prepare_run(spec, tmp_path)
+    assert (again, reused) == (first, True)
+    other = local_spec(load_spec(REPO / "configs" / "quickstart.yaml", ["training.lr=1e-3"]), ranks=2)
+    assert prepare_run(other, tmp_path)[0] != first  # another spec: another run
+    runs.append_event(first, "train_start", step=0)
+    runs.append_event(first, "finished", step=200)
+    assert is_finished(first)
+    spec_text = (first / runs.SPEC_FILE).read_text()
+    assert find_resumable_run(tmp_path, spec_text) is None  # finished runs are not resumed
+    fresh, reused = prepare_run(spec, tmp_path)
+    assert fresh != first and not reused
+    assert prepare_run(spec, tmp_path, new=True)[0] not in (first, fresh)
+
+
+def _cli(args: list[str], cwd: Path, env: dict[str, str], **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpcds", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+@pytest.mark.deepspeed
+def test_hpcds_run_ctrl_c_saves_and_the_same_command_resumes(tmp_path):
+    """The quickstart path on a smaller budget: Ctrl-C (SIGINT to the whole process group, as a terminal sends it)
+    mid-run saves and exits 75; the same command resumes the same run; the loss falls clearly over the run."""
+    env = {**os.environ, "HPCDS_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    args = [
+        "run",
+        str(REPO / "configs" / "quickstart.yaml"),
+        "--set",
+        "model.max_seq_len=64",
+        "--set",
+        "training.max_steps=60",
+        "--set",
+        "training.log_interval_steps=5",
+        "--set",
+        "checkpoint.every_steps=1000",
+        "--set",
+        "wandb.mode=disabled",
+    ]
+    first = _cli(args, tmp_path, env, start_new_session=True)
+    run_root = tmp_path / "runs"
+    deadline = time.time() + 300
+    losses = None
+    while time.time() < deadline and first.poll() is None:
+        found = list(run_root.glob("quickstart-*/losses.jsonl"))
+        if found and len(found[0].read_text().splitlines()) >= 3:
+            losses = found[0]
+            break
+        time.sleep(0.5)
+    assert losses is not None, "training never started"
+    os.killpg(first.pid, signal.SIGINT)
+    output, _ = first.communicate(timeout=120)
+    assert first.returncode == 75, output
+    assert "run the same command to resume" in output
+    run_dir = losses.parent
+    stopped = [e for e in runs.read_events(run_dir) if e["event"] == "stopped"]
+    assert stopped and stopped[-1]["signal"] == "SIGINT"
+    stop_step = stopped[-1]["step"]
+    assert 3 <= stop_step < 60
+
+    second = _cli(args, tmp_path, env)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output
+    assert f"resuming run: {run_dir}" in output and f"resuming from step_{stop_step}" in output
+    assert "finished at step 60" in output
+    assert "kernels" in output and "ZeRO         stage 2" in output  # the banner
+    records = [json.loads(line) for line in losses.read_text().splitlines()]
+    first_loss = sum(r["loss"] for r in records[:3]) / 3
+    last_loss = sum(r["loss"] for r in records[-3:]) / 3
+    assert last_loss < 0.7 * first_loss, (first_loss, last_loss)
+    progress = json.loads((run_dir / runs.PROGRESS_FILE).read_text())
+    assert progress["step"] == 60 and progress["last_checkpoint_step"] == 60 and progress["world_size"] == 2
+    assert list((run_dir / runs.HEARTBEAT_DIR).glob("*.json"))
+
+
+def test_sync_says_when_a_run_has_no_offline_logs(tmp_path):
+    from click.testing import CliRunner
+
+    from hpcds.cli import cli
+
+    run_dir = runs.create_run(tmp_path, "r", lambda _: {}, meta={"wandb_id": "abcd1234"})
+    result = CliRunner().invoke(cli, ["sync", str(run_dir), "--runs-dir", str(tmp_path)])
+    assert "no offline W&B logs" in str(result.exception)
