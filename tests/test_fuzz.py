@@ -207,7 +207,10 @@ printf '%s\\0' "${0##*/}" "$@" >"$dir/argv"
 printf '%s' "${HPCDS_FUZZ-<unset>}" >"$dir/fuzz"
 case ${0##*/} in
   pwned) touch "$HPCDS_SENTINEL" ;;
-  srun) exit "${HPCDS_FAKE_RC:-0}" ;;
+  srun)
+    # As the trainer would: an event line (e.g. `stopped`) in the run's log, whose folder is the last argument.
+    [ -n "${HPCDS_FAKE_EVENT:-}" ] && printf '%s\n' "$HPCDS_FAKE_EVENT" >>"${!#}/events.jsonl"
+    exit "${HPCDS_FAKE_RC:-0}" ;;
   scontrol) exit "${HPCDS_SCONTROL_RC:-0}" ;;
 esac
 exit 0
@@ -360,6 +363,23 @@ def test_script_requeues_only_on_75_and_below_the_limit(sandbox):
     assert (rc, records[-1]) == (75, ["scontrol", "requeue", JOB_ID])
     assert [e["event"] for e in events] == ["started", "exited", "requeue", "requeue_failed"]
     assert events[-1]["rc"] == 1
+
+
+def test_a_node_killed_after_the_trainer_stopped_still_requeues(sandbox):
+    # On two nodes, the first to exit 75 makes srun (--kill-on-bad-exit) kill the other, and srun reports 137. The
+    # trainer's `stopped` event (written after the commit, before any rank exits) says the save is done: requeue.
+    spec = validate_spec(build_tree(copy.deepcopy(BASE)))
+    script = render_sbatch(spec, str(sandbox["run"]))
+    stopped = json.dumps({"time": 1, "event": "stopped", "signal": "SIGUSR2", "step": 3})
+    rc, records, events, _ = execute(script, sandbox, fake_rc=137, extra_env={"HPCDS_FAKE_EVENT": stopped})
+    assert (rc, records[-1]) == (137, ["scontrol", "requeue", JOB_ID])
+    assert [e["event"] for e in events] == ["started", "stopped", "exited", "requeue"]
+    assert (events[2]["rc"], events[2]["class"]) == (137, "requeued")
+
+    # The same exit code without the trainer's word is a failure.
+    rc, records, events, _ = execute(script, sandbox, fake_rc=137)
+    assert [e["event"] for e in events] == ["started", "exited", "not_requeued"]
+    assert events[1]["class"] == "failed"
 
 
 def test_the_recorders_catch_an_injection(sandbox):

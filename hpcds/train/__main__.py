@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # Nobody leaves before rank 0 has logged the ending: under Slurm the first node to exit 75 gets the others
+        # killed (srun --kill-on-bad-exit), and rank 0 may still be writing its `stopped` event or closing W&B.
+        dist.barrier()
         dist.destroy_process_group()
     return code
 
