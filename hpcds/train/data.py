@@ -5,7 +5,9 @@ Row r of a step (r = (micro * world + rank) * batch_size + b) draws its own gene
 a source by weight, then a random window of seq_len + 1 tokens. Nothing depends on what was read before, so a
 resumed run reads exactly the batches an uninterrupted run would; and since the rows of a step depend only on their
 global index, a run resumed on another number of ranks with the same global batch reads the same sequences. SFT
-sources (with a loss mask) start each window at a document start, so a response is never read without its prompt.
+sources (with a loss mask) start each window at a document start, so a response is never read without its prompt;
+packed, the window runs on into the following examples, unpacked (`data.packing: false`) it stops at the example's
+end and the rest is padding that is never a target.
 Validation batches are fixed, contiguous windows.
 
 Built-in corpora are prepared into `cache_dir` by `prepare_data`, which the trainer calls on rank 0 before a
@@ -44,13 +46,19 @@ class Stream:
     def n_tokens(self) -> int:
         return 0 if self.tokens is None else len(self.tokens)
 
-    def window(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens [start, start + length) as int64 and whether each is a target; short windows are padded."""
-        tokens = np.asarray(self.tokens[start : start + length], dtype=np.int64)
-        targets = (
-            np.ones(len(tokens), dtype=bool) if self.mask is None else self.mask[start : start + length].astype(bool)
-        )
-        if len(tokens) < length:  # past the end: pad with end-of-text that is never a target
+    def window(self, start: int, length: int, packed: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [start, start + length) as int64 and whether each is a target; short windows are padded.
+
+        Unpacked (SFT sources only), the window stops where the next document starts and the rest is padding.
+        """
+        stop = start + length
+        if not packed and self.mask is not None:
+            following = int(np.searchsorted(self.doc_starts, start, side="right"))
+            if following < len(self.doc_starts):
+                stop = min(stop, int(self.doc_starts[following]))
+        tokens = np.asarray(self.tokens[start:stop], dtype=np.int64)
+        targets = np.ones(len(tokens), dtype=bool) if self.mask is None else self.mask[start:stop].astype(bool)
+        if len(tokens) < length:  # past the end (or the example's end): pad with end-of-text that is never a target
             pad = length - len(tokens)
             tokens = np.concatenate([tokens, np.full(pad, self.eot_id, dtype=np.int64)])
             targets = np.concatenate([targets, np.zeros(pad, dtype=bool)])
@@ -97,9 +105,16 @@ class TrainData:
     """Weighted training sources and validation sources, read as (x, y) int64 tensors of [batch, seq_len]."""
 
     def __init__(
-        self, train: list[Stream], weights: list[float], val: list[Stream], meta: dict, seq_len: int, seed: int
+        self,
+        train: list[Stream],
+        weights: list[float],
+        val: list[Stream],
+        meta: dict,
+        seq_len: int,
+        seed: int,
+        packed: bool = True,
     ):
-        self.train, self.val, self.seq_len, self.seed = train, val, seq_len, seed
+        self.train, self.val, self.seq_len, self.seed, self.packed = train, val, seq_len, seed, packed
         self.cum_weights = np.cumsum(np.asarray(weights, dtype=np.float64) / sum(weights))
         self.vocab_size = int(meta["vocab_size"])
         self.tokenizer = meta["tokenizer"]
@@ -114,7 +129,7 @@ class TrainData:
             rng = np.random.default_rng([DATA_STREAM, self.seed, step, row])
             pick = int(np.searchsorted(self.cum_weights, rng.random(), side="right"))
             source = self.train[min(pick, len(self.train) - 1)]  # min: rounding can leave the last sum below 1
-            rows.append(source.window(self._train_start(source, rng), self.seq_len + 1))
+            rows.append(source.window(self._train_start(source, rng), self.seq_len + 1, self.packed))
         return _as_tensors(rows)
 
     def _train_start(self, source: Stream, rng: np.random.Generator) -> int:
@@ -138,7 +153,7 @@ class TrainData:
                 start = int(source.doc_starts[window % len(source.doc_starts)])
             else:
                 start = (window * self.seq_len) % max(1, source.n_tokens - self.seq_len)
-            rows.append(source.window(start, self.seq_len + 1))
+            rows.append(source.window(start, self.seq_len + 1, self.packed))
         return _as_tensors(rows)
 
     def check_vocab(self, model_vocab_size: int) -> None:
@@ -196,4 +211,4 @@ def open_data(data, seq_len: int, seed: int, cache_dir: Path) -> TrainData:
         if stream.n_tokens > (seq_len if stream.mask is None else 0):
             val.append(stream)
     meta = max(metas.values(), key=lambda m: m["vocab_size"])
-    return TrainData(train, [ds.weight for ds in data.train], val, meta, seq_len, seed)
+    return TrainData(train, [ds.weight for ds in data.train], val, meta, seq_len, seed, data.packing)
