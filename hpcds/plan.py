@@ -1,11 +1,12 @@
 """The memory planner: parameter counts, per-GPU memory for every ZeRO stage and offload, and the strategy to use.
 
-Parameter counts come from the architecture and equal what transformers builds from the trainer's configs (tied
-embeddings, GPT-2 positions = max_seq_len). Model-state bytes for 16-bit training equal DeepSpeed's own estimators
-(`estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs`, zero_init on, buffer factor 1.5);
-ZeRO-0/1 and fp32 follow the same per-parameter bookkeeping. Activations follow Korthikanti et al. 2022, Table 2, for
-GPT and the tensors the fused kernels save for backward for Mamba; docs/memory.md derives every term. The
-recommendation is the first strategy in `STRATEGY_ORDER` (least communication first) that fits. No I/O here.
+Parameter counts come from the architecture and equal what transformers builds (hpcds.plan_params). Model-state
+bytes for 16-bit training equal DeepSpeed's own estimators (`estimate_zero2_model_states_mem_needs` /
+`estimate_zero3_model_states_mem_needs`, zero_init on, buffer factor 1.5) when every weight trains; with LoRA only the
+adapters carry gradients and optimizer states. ZeRO-0/1 and fp32 follow the same per-parameter bookkeeping.
+Activations follow Korthikanti et al. 2022, Table 2, for GPT and the tensors the fused kernels save for backward for
+Mamba; docs/memory.md derives every term. The recommendation is the first strategy in `STRATEGY_ORDER` (least
+communication first) that fits. No I/O here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from hpcds.errors import HpcdsError
+from hpcds.plan_params import ParamCount, attention_widths, count_params, is_tied
 from hpcds.spec import JobSpec, ModelSpec
 
 GIB = 2**30
@@ -23,15 +25,6 @@ DS_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor default (CPU side
 CHECKPOINT_BANDWIDTH_GB_S = 1.0  # aggregate write speed assumed for the checkpoint save estimate
 MAMBA2_CHUNK_SIZE = 256  # transformers' Mamba2Config default
 DS_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size
-LORA_DEFAULT_TARGETS = {"gpt2": ["c_attn"], "hf": ["q_proj", "v_proj"]}  # peft's defaults for GPT-2 and Llama
-
-
-@dataclass(frozen=True)
-class ParamCount:
-    total: int
-    trainable: int
-    frozen: int
-    largest_layer: int  # most parameters held directly by one module: ZeRO-3 gathers it whole
 
 
 @dataclass(frozen=True)
@@ -148,102 +141,6 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Parameter counts
-
-
-def _hf_sizes(model: ModelSpec) -> tuple[int, int, int]:
-    missing = [f"model.{name}" for name in ("d_model", "n_layer") if getattr(model, name) is None]
-    if missing:
-        raise HpcdsError(
-            f"the planner needs {', '.join(missing)} (and model.vocab_size, model.d_ff) for model.type hf "
-            f"({model.path}): it never downloads a config. Set them in the spec, or plan from a local folder that "
-            "holds config.json"
-        )
-    return model.d_model, model.n_layer, model.d_ff or 4 * model.d_model
-
-
-def _layer_modules(model: ModelSpec) -> dict[str, tuple[int, int]]:
-    """Per block: LoRA-adaptable linear modules by name -> (in_features, out_features)."""
-    d = model.d_model
-    if model.type == "gpt2":
-        d_ff = model.d_ff or 4 * d
-        return {"c_attn": (d, 3 * d), "attn.c_proj": (d, d), "c_fc": (d, d_ff), "mlp.c_proj": (d_ff, d)}
-    d, _, d_ff = _hf_sizes(model)
-    names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    return {**{n: (d, d) for n in names}, "gate_proj": (d, d_ff), "up_proj": (d, d_ff), "down_proj": (d_ff, d)}
-
-
-def _lora_params(model: ModelSpec) -> int:
-    lora = model.lora
-    modules = _layer_modules(model)
-    targets = lora.target_modules or LORA_DEFAULT_TARGETS[model.type]
-    count = 0
-    for target in targets:
-        # peft matches a target against the end of each module's dotted name, so "c_proj" means both of GPT-2's.
-        matched = [shape for name, shape in modules.items() if name == target or name.endswith("." + target)]
-        if not matched:
-            valid = sorted({n.rsplit(".", 1)[-1] for n in modules})
-            raise HpcdsError(f"model.lora.target_modules: no module named {target!r}; valid: {', '.join(valid)}")
-        count += sum(lora.r * (fan_in + fan_out) for fan_in, fan_out in matched)
-    return count * model.n_layer
-
-
-def count_params(model: ModelSpec) -> ParamCount:
-    """Parameters of the model transformers builds for this spec (hpcds.train.models' configs); tied weights once."""
-    v, n_layer = model.vocab_size, model.n_layer
-    if model.type == "mamba":
-        d = model.d_model
-        di, n, rank = model.expand * d, model.d_state, math.ceil(d / 16)
-        modules = {
-            "norm": d,
-            "in_proj": d * 2 * di,
-            "conv1d": di * model.d_conv + di,
-            "x_proj": di * (rank + 2 * n),
-            "dt_proj": rank * di + di,
-            "mixer": di * n + di,  # A_log and D sit on the mixer itself
-            "out_proj": di * d,
-        }
-        layer, embedding, final = sum(modules.values()), v * d, d
-    elif model.type == "mamba2":
-        d = model.d_model
-        di, g = model.expand * d, model.n_groups
-        heads, conv_dim = di // model.head_dim, di + 2 * g * model.d_state
-        modules = {
-            "norm": d,
-            "in_proj": d * (di + conv_dim + heads),  # z, x, B, C and dt in one projection
-            "conv1d": conv_dim * model.d_conv + conv_dim,
-            "mixer": 3 * heads,  # dt_bias, A_log, D
-            "gated_norm": di,
-            "out_proj": di * d,
-        }
-        layer, embedding, final = sum(modules.values()), v * d, d
-    elif model.type == "gpt2":
-        d, d_ff = model.d_model, model.d_ff or 4 * model.d_model
-        modules = {
-            "ln_1": 2 * d,
-            "c_attn": d * 3 * d + 3 * d,
-            "attn.c_proj": d * d + d,
-            "ln_2": 2 * d,
-            "c_fc": d * d_ff + d_ff,
-            "mlp.c_proj": d_ff * d + d,
-        }
-        layer = sum(modules.values())
-        modules["wpe"] = model.max_seq_len * d  # learned positions, n_positions = max_seq_len
-        embedding, final = v * d + modules["wpe"], 2 * d
-    else:
-        d, n_layer, d_ff = _hf_sizes(model)
-        # Llama-like: q/k/v/o without bias, SwiGLU MLP, two RMSNorms per block, untied LM head.
-        modules = {"attn": d * d, "mlp": d * d_ff}
-        layer = 4 * d * d + 3 * d * d_ff + 2 * d
-        embedding, final = v * d, d + v * d
-    total = embedding + n_layer * layer + final
-    largest = max(v * d, *modules.values())
-    trainable = _lora_params(model) if model.lora is not None else total
-    total += trainable if model.lora is not None else 0
-    return ParamCount(total=total, trainable=trainable, frozen=total - trainable, largest_layer=largest)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Memory
 
 
@@ -253,7 +150,8 @@ def model_state_bytes(
     """(params, grads, optimizer) bytes per GPU and CPU bytes per node for Adam-style training.
 
     For 16-bit precision and no frozen weights the GPU sum and the CPU figure are DeepSpeed's estimators, expression
-    for expression (its float arithmetic and int() truncation included), so the numbers agree to the byte.
+    for expression (its float arithmetic and int() truncation included), so the numbers agree to the byte. With
+    frozen weights (LoRA) gradients and optimizer states, on the GPU or offloaded, exist for trainable ones only.
     """
     world = nodes * gpus_per_node
     p, ll = params.trainable, params.largest_layer
@@ -262,7 +160,7 @@ def model_state_bytes(
     frozen_gpu = params.frozen * w  # frozen weights: no gradient, no optimizer state
     stage, off_opt, off_par = strategy.stage, strategy.offload_optimizer, strategy.offload_params
     if stage == 3:
-        cpu = _ds_zero3_cpu(params.total, ll, gpus_per_node, nodes, off_opt, off_par)
+        cpu = _ds_zero3_cpu(params, gpus_per_node, nodes, off_opt, off_par)
         gather = 4 * ll  # DeepSpeed's largest-layer term: the gathered layer (weight + gradient, 16-bit)
         if off_par:
             return gather, 0, 0, cpu
@@ -272,7 +170,7 @@ def model_state_bytes(
         sharded = int((16 + w) * p / world)  # 16-bit: int(18 * P / N), DeepSpeed's expression
         grads = int(4 * p / world)
         return gather + weights, grads, sharded - int(w * p / world) - grads, cpu
-    cpu = _ds_zero2_cpu(params.total, gpus_per_node, nodes, off_opt)
+    cpu = _ds_zero2_cpu(params, gpus_per_node, nodes, off_opt)
     weights = w * p + frozen_gpu
     # Per trainable parameter: gradient in the model's dtype (g16) plus, for 16-bit, the fp32 gradient partition (4),
     # fp32 master weights (4, skipped by plain fp32 ZeRO-0) and Adam's two moments (8).
@@ -288,17 +186,25 @@ def model_state_bytes(
     return weights, grads, sharded - grads_sharded, cpu
 
 
-def _ds_zero2_cpu(total: int, gpus_per_node: int, nodes: int, offload: bool) -> int:
-    if offload:
-        return int(total * max(4 * nodes * gpus_per_node, 16) * DS_BUFFER_FACTOR)
+# DeepSpeed's CPU figures split into what holds every weight and what holds optimizer state. The offloaded optimizer
+# keeps 16 bytes per trainable parameter (fp32 master, Adam's two moments, fp32 gradient); loading (fp32 copies of the
+# whole model) and offloaded ZeRO-3 parameters (16-bit) hold frozen weights too. With every parameter trainable the
+# split expressions are DeepSpeed's own, integer for integer, so the full fine-tuning figures agree to the byte.
+
+
+def _ds_zero2_cpu(params: ParamCount, gpus_per_node: int, nodes: int, offload: bool) -> int:
+    total, trainable = params.total, params.trainable
+    if offload:  # DeepSpeed: total · max(4 · GPUs in the job, 16): the larger of loading and optimizer state
+        return int(max(total * 4 * nodes * gpus_per_node, trainable * 16) * DS_BUFFER_FACTOR)
     return int(total * 4 * gpus_per_node * DS_BUFFER_FACTOR)  # every rank first builds the model in fp32 on CPU
 
 
-def _ds_zero3_cpu(total: int, largest: int, gpus_per_node: int, nodes: int, off_opt: bool, off_par: bool) -> int:
+def _ds_zero3_cpu(params: ParamCount, gpus_per_node: int, nodes: int, off_opt: bool, off_par: bool) -> int:
     gpus_factor = 1 / nodes
-    if off_opt:
-        return int(total * (18 if off_par else 16) * gpus_factor * DS_BUFFER_FACTOR)
-    return int(largest * 4 * gpus_per_node * DS_BUFFER_FACTOR)
+    if off_opt:  # DeepSpeed: total · (18 or 16) / nodes = 2 bytes per offloaded weight + 16 per trained one
+        held = (2 * params.total if off_par else 0) + 16 * params.trainable
+        return int(held * gpus_factor * DS_BUFFER_FACTOR)
+    return int(params.largest_layer * 4 * gpus_per_node * DS_BUFFER_FACTOR)
 
 
 def bucket_bytes(spec: JobSpec, strategy: Strategy, params: ParamCount) -> int:
@@ -380,7 +286,8 @@ def activation_bytes(model: ModelSpec, micro_batch: int, seq_len: int, precision
 def flops_per_token(model: ModelSpec, params: ParamCount, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward, no recomputation): 6 per trained weight plus token mixing."""
     # Lookups cost no FLOPs: GPT-2's position table, and the input embedding when the head is untied (hf).
-    lookups = {"gpt2": model.max_seq_len * (model.d_model or 0), "hf": model.vocab_size * (model.d_model or 0)}
+    untied_embedding = 0 if is_tied(model) else model.vocab_size * (model.d_model or 0)
+    lookups = {"gpt2": model.max_seq_len * (model.d_model or 0), "hf": untied_embedding}
     matmul = params.total - lookups.get(model.type, 0)
     # 2 forward + 2 for the input gradient per weight, + 2 for the weight gradient of trainable ones (LoRA: adapters)
     dense = 4 * matmul + 2 * min(params.trainable, matmul)
@@ -391,7 +298,8 @@ def flops_per_token(model: ModelSpec, params: ParamCount, seq_len: int) -> float
         di = model.expand * d
         mixing = 2 * MAMBA2_CHUNK_SIZE * (model.n_groups * model.d_state + di) + 4 * di * model.d_state
     else:
-        mixing = 4 * seq_len * d  # attention scores and weighted values (PaLM's 6N + 12·L·H·Q·T)
+        width = attention_widths(model)[0] if model.type == "hf" and d else d  # n_head · head size
+        mixing = 4 * seq_len * width  # attention scores and weighted values (PaLM's 6N + 12·L·H·Q·T)
     return float(dense + 3 * model.n_layer * mixing)
 
 

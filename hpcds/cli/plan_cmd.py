@@ -1,7 +1,7 @@
 """`hpcds plan`: the memory table for every ZeRO stage and offload, and the strategy a run would pin.
 
-Light on purpose (login nodes): it imports neither torch nor deepspeed. For `model.type: hf` without explicit sizes,
-a local folder's config.json fills them in; nothing is ever downloaded.
+Light on purpose (login nodes): it imports neither torch nor deepspeed. For `model.type: hf` a local folder's
+config.json fills the shape fields the spec leaves unset, and the plan's notes say which; nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -17,36 +17,87 @@ from rich.table import Table
 from hpcds.cli.common import console, print_json, spec_options
 from hpcds.errors import HpcdsError
 from hpcds.plan import GIB, Plan, checkpoint_save_s, plan_job
-from hpcds.spec import JobSpec
+from hpcds.spec import JobSpec, validate_spec
 
-# config.json keys of Llama-like and GPT-2 configs -> spec fields
+# config.json keys -> spec fields (Llama-like names first, GPT-2's after); hf_arch and tie_embeddings are read apart
 _HF_CONFIG_KEYS = {
     "d_model": ("hidden_size", "n_embd", "d_model"),
     "n_layer": ("num_hidden_layers", "n_layer"),
     "n_head": ("num_attention_heads", "n_head"),
+    "n_kv_head": ("num_key_value_heads",),
+    "attn_head_dim": ("head_dim",),
     "d_ff": ("intermediate_size", "n_inner"),
     "vocab_size": ("vocab_size",),
 }
+# config.json model_type -> model.hf_arch (Mistral's blocks hold the same weights as Llama's)
+_HF_ARCHES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",
+}
 
 
-def with_local_hf_sizes(spec: JobSpec) -> JobSpec:
-    """Fill model sizes of an hf model from <model.path>/config.json when the spec leaves them out."""
+def _config_values(config: dict) -> tuple[dict, str | None]:
+    """Spec fields found in a config.json, and its model_type. Multimodal configs keep the LM in text_config."""
+    text = {**config, **config["text_config"]} if isinstance(config.get("text_config"), dict) else config
+    values = {}
+    for name, keys in _HF_CONFIG_KEYS.items():
+        # bool is an int in Python: a stray `true` is not a size
+        found = [text[k] for k in keys if isinstance(text.get(k), int) and not isinstance(text.get(k), bool)]
+        if found:
+            values[name] = found[0]
+    if isinstance(text.get("tie_word_embeddings"), bool):
+        values["tie_embeddings"] = text["tie_word_embeddings"]
+    model_type = text.get("model_type") if isinstance(text.get("model_type"), str) else None
+    if model_type in _HF_ARCHES:
+        values["hf_arch"] = _HF_ARCHES[model_type]
+    return values, model_type
+
+
+def with_local_hf_shape(spec: JobSpec) -> tuple[JobSpec, list[str]]:
+    """Fill the shape fields an hf spec leaves unset from <model.path>/config.json; notes say what came from where.
+
+    Fields the spec sets win; where they differ from the file, a note says so. Hub names are never resolved here.
+    """
     model = spec.model
-    if model.type != "hf" or (model.d_model and model.n_layer) or not model.path:
-        return spec
+    if model.type != "hf" or not model.path:
+        return spec, []
     config_path = Path(model.path) / "config.json"
     if not config_path.is_file():
-        return spec  # the planner then says which fields it needs
+        return spec, []  # the planner then says which fields it needs
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
-        raise HpcdsError(f"cannot read {config_path}: {exc}; fix the file or set model.d_model/n_layer") from None
-    update = {}
-    for name, keys in _HF_CONFIG_KEYS.items():
-        value = next((config[k] for k in keys if isinstance(config.get(k), int)), None)
-        if value is not None and (name == "vocab_size" or getattr(model, name) is None):
+        raise HpcdsError(
+            f"cannot read {config_path}: {exc}\nhint: fix the file, or set the model's shape in the spec "
+            "(model.d_model, model.n_layer, ...)"
+        ) from None
+    if not isinstance(config, dict):
+        raise HpcdsError(f"{config_path} is not a JSON object\nhint: point model.path at a Hugging Face model folder")
+    values, model_type = _config_values(config)
+    update, notes = {}, []
+    for name, value in values.items():
+        if name not in model.model_fields_set:
             update[name] = value
-    return spec.model_copy(update={"model": model.model_copy(update=update)})
+        elif getattr(model, name) != value:
+            spec_value = getattr(model, name)
+            notes.append(f"model.{name} is {spec_value} in the spec, {value} in {config_path}: planned as set")
+    if model_type not in _HF_ARCHES and "hf_arch" not in model.model_fields_set:
+        unknown = (
+            f"has model_type {model_type!r}, which the planner has no layout for"
+            if model_type
+            else "names no model_type"
+        )
+        notes.append(f"{config_path} {unknown}: counted as Llama blocks (no biases, two norms per block)")
+    if not update:
+        return spec, notes
+    tree = spec.model_dump(mode="json")
+    tree["model"].update(update)
+    filled = validate_spec(tree, str(config_path))
+    return filled, [f"read from {config_path}: " + ", ".join(f"model.{k}" for k in update), *notes]
 
 
 def _size(value: int) -> str:
@@ -100,8 +151,9 @@ def render_plan_table(spec: JobSpec, plan: Plan) -> Table:
 
 def print_plan(spec: JobSpec, gpu_mem_gb: float | None = None, as_json: bool = False) -> Plan:
     """Print the plan for people (a table) or scripts (`plan.to_dict()` as JSON); returns it."""
-    spec = with_local_hf_sizes(spec)
+    spec, shape_notes = with_local_hf_shape(spec)
     plan = plan_job(spec, gpu_mem_gb)
+    plan.notes[:0] = shape_notes
     if as_json:
         print_json(plan.to_dict())
         return plan
