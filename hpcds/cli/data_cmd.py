@@ -1,6 +1,6 @@
 """`hpcds data prepare` (tokenize text or JSONL into memmaps) and `hpcds data info` (what a prepared folder holds).
 
-Neither imports torch: preparing data is numpy and tiktoken work that may run on a login or data node.
+Neither imports torch: preparing data is numpy, tiktoken and `tokenizers` work that may run on a login or data node.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hpcds.cli.common import console, err_console, print_json
+from hpcds.errors import HpcdsError
 
 
 @click.group("data")
@@ -30,7 +31,8 @@ def data_group() -> None:
     "--tokenizer",
     default="cl100k_base",
     show_default=True,
-    help="bytes, cl100k_base (offline), gpt2 (files in TIKTOKEN_CACHE_DIR), or a .tiktoken file.",
+    help="bytes, cl100k_base (offline), gpt2 (files in TIKTOKEN_CACHE_DIR), a .tiktoken file, or hf:FOLDER "
+    "(a local Hugging Face tokenizer: tokenizer.json, tokenizer_config.json).",
 )
 @click.option(
     "--val-fraction",
@@ -39,14 +41,29 @@ def data_group() -> None:
     show_default=True,
     help="Share of the input held out for validation, spread evenly through it.",
 )
-@click.option("--text-field", default="text", show_default=True, help="JSONL: the field holding the text.")
+@click.option("--text-field", help="JSONL: the field holding the text [default: text].")
 @click.option("--prompt-field", help="JSONL SFT: the prompt field (read, never trained on).")
 @click.option("--response-field", help="JSONL SFT: the response field (the loss is computed on it only).")
+@click.option(
+    "--messages-field",
+    help="JSONL chat SFT: the field holding a list of {role, content} messages, rendered with an hf: tokenizer's "
+    "chat template; the loss is computed on the assistant turns only.",
+)
 @click.option("--threads", type=click.IntRange(min=1), help="Tokenizer worker processes [default: all cores].")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that already holds files.")
 @click.option("--json", "as_json", is_flag=True, help="Print meta.json instead of a table.")
 def prepare_command(
-    inputs, out_dir, tokenizer, val_fraction, text_field, prompt_field, response_field, threads, overwrite, as_json
+    inputs,
+    out_dir,
+    tokenizer,
+    val_fraction,
+    text_field,
+    prompt_field,
+    response_field,
+    messages_field,
+    threads,
+    overwrite,
+    as_json,
 ) -> None:
     """Tokenize INPUT files (text; .jsonl/.ndjson as JSON lines; folders recursively) into OUT.
 
@@ -70,6 +87,7 @@ def prepare_command(
             text_field=text_field,
             prompt_field=prompt_field,
             response_field=response_field,
+            messages_field=messages_field,
             num_threads=threads,
             overwrite=overwrite,
             progress=progress,
@@ -79,7 +97,8 @@ def prepare_command(
         return
     console.print(render_meta_table(out_dir, meta))
     console.print(meta_summary(meta))
-    console.print(f"use it in a spec as:  data: {{train: {escape(str(out_dir))}, tokenizer: {meta['tokenizer']}}}")
+    spec_line = f"data: {{train: {out_dir}, tokenizer: {loadable_name(meta)}}}"
+    console.print(f"use it in a spec as:  {escape(spec_line)}")
 
 
 @data_group.command("info")
@@ -103,8 +122,19 @@ def info_command(folder: Path, sample_tokens: int, as_json: bool) -> None:
     count = min(sample_tokens, meta["train_tokens"])
     if count:
         ids = np.fromfile(folder / "train.bin", dtype=meta["dtype"], count=count).tolist()
-        text = get_tokenizer(meta["tokenizer"]).decode(ids)
+        try:
+            text = get_tokenizer(loadable_name(meta)).decode(ids)
+        except HpcdsError as exc:  # e.g. the hf: folder it was prepared with is gone: the counts above still stand
+            console.print(f"no decoded sample: {escape(str(exc).splitlines()[0])}")
+            return
         console.print(f"first {count} tokens, decoded:\n{escape(text)}")
+
+
+def loadable_name(meta: dict) -> str:
+    """What loads the folder's tokenizer: for hf: ones the folder it came from, not the vocabulary's fingerprint."""
+    if meta["tokenizer"].startswith("hf:"):
+        return meta.get("tokenizer_source", meta["tokenizer"])
+    return meta["tokenizer"]
 
 
 def render_meta_table(folder: Path, meta: dict) -> Table:
@@ -118,8 +148,11 @@ def render_meta_table(folder: Path, meta: dict) -> Table:
 
 
 def meta_summary(meta: dict) -> str:
+    name = meta["tokenizer"]
+    if loadable_name(meta) != name:
+        name += f" ({loadable_name(meta)})"
     lines = [
-        f"{meta['tokenizer']}: vocabulary {meta['vocab_size']:,}, end-of-text {meta['eot_id']}, "
+        f"{name}: vocabulary {meta['vocab_size']:,}, end-of-text {meta['eot_id']}, "
         f"{meta['dtype']} ids" + ("; loss mask (SFT)" if meta["has_mask"] else "")
     ]
     if meta.get("prepare_time_s"):

