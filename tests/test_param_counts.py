@@ -69,23 +69,78 @@ def test_gpt2(d_model, n_layer, n_head, d_ff, vocab, seq):
     _check(spec, transformers.GPT2LMHeadModel)
 
 
-@pytest.mark.parametrize(("d_model", "n_layer", "d_ff", "vocab"), [(64, 2, 172, 256), (32, 3, 128, 99)])
-def test_hf_llama_like(d_model, n_layer, d_ff, vocab):
-    spec = ModelSpec(
-        type="hf", path="some/llama", d_model=d_model, n_layer=n_layer, n_head=4, d_ff=d_ff, vocab_size=vocab
-    )
-    config = transformers.LlamaConfig(
-        hidden_size=d_model,
-        num_hidden_layers=n_layer,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=d_ff,
+def _hf_spec(arch: str, d_model, n_layer, n_head, n_kv_head, head_dim, d_ff, vocab, tied, lora=None) -> ModelSpec:
+    return ModelSpec(
+        type="hf",
+        path=f"some/{arch}",
+        hf_arch=arch,
+        d_model=d_model,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_kv_head=n_kv_head,
+        attn_head_dim=head_dim,
+        d_ff=d_ff,
         vocab_size=vocab,
-        tie_word_embeddings=False,
+        tie_embeddings=tied,
+        lora=lora,
     )
-    total, largest = _built(transformers.LlamaForCausalLM, config)
+
+
+def _hf_built(spec: ModelSpec):
+    """The transformers model for an hf spec: the class and config its hf_arch names, from the spec's shape fields."""
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+    }[spec.hf_arch]
+    config = config_cls(
+        hidden_size=spec.d_model,
+        num_hidden_layers=spec.n_layer,
+        num_attention_heads=spec.n_head,
+        num_key_value_heads=spec.n_kv_head or spec.n_head,
+        head_dim=spec.attn_head_dim or spec.d_model // spec.n_head,
+        intermediate_size=spec.d_ff,
+        vocab_size=spec.vocab_size,
+        tie_word_embeddings=spec.tie_embeddings,
+    )
+    return model_cls, config
+
+
+# (hf_arch, d_model, n_layer, n_head, n_kv_head, head_dim, d_ff, vocab, tied): grouped-query and multi-head
+# attention, head sizes that do and do not equal d_model / n_head, tied and untied heads, odd sizes
+HF_SHAPES = [
+    ("llama", 64, 2, 4, 4, None, 172, 256, False),
+    ("llama", 32, 3, 4, 4, None, 128, 99, False),
+    ("llama", 64, 2, 8, 2, None, 96, 300, False),
+    ("llama", 48, 2, 6, 3, 16, 80, 128, True),
+    ("qwen2", 64, 2, 8, 2, None, 96, 300, False),
+    ("qwen2", 48, 1, 4, 1, 24, 100, 77, True),
+    ("qwen3", 64, 2, 8, 2, 16, 96, 300, True),
+    ("qwen3", 64, 2, 8, 2, 16, 96, 300, False),
+    ("qwen3", 40, 3, 4, 4, None, 72, 150, False),
+    ("gemma3", 48, 2, 4, 2, 16, 96, 262, True),
+    ("gemma3", 56, 3, 8, 8, 8, 112, 333, False),
+]
+
+
+@pytest.mark.parametrize(("arch", "d", "n_layer", "n_head", "n_kv", "head_dim", "d_ff", "vocab", "tied"), HF_SHAPES)
+def test_hf_blocks_equal_transformers(arch, d, n_layer, n_head, n_kv, head_dim, d_ff, vocab, tied):
+    spec = _hf_spec(arch, d, n_layer, n_head, n_kv, head_dim, d_ff, vocab, tied)
+    model_cls, config = _hf_built(spec)
+    total, largest = _built(model_cls, config)
     count = count_params(spec)
     assert (count.total, count.largest_layer) == (total, largest)
+    assert count.trainable == total and count.frozen == 0
+
+
+def test_hf_tie_default_follows_the_architecture():
+    """A spec that does not say takes transformers' default: Gemma 3 ties its head, Llama and Qwen do not."""
+    for arch, tied in (("llama", False), ("qwen2", False), ("qwen3", False), ("gemma3", True)):
+        spec = _hf_spec(arch, 32, 1, 4, 2, 8, 64, 100, None)
+        model_cls, config = _hf_built(spec.model_copy(update={"tie_embeddings": tied}))
+        assert type(config)().tie_word_embeddings is tied  # the config class's own default
+        assert count_params(spec).total == _built(model_cls, config)[0]
 
 
 def test_7b_mamba_true_count_on_the_meta_device():
@@ -133,6 +188,56 @@ def test_lora_trainable_equals_peft(model_type, targets, r):
     total = sum(p.numel() for p in model.parameters())
     count = count_params(spec)
     assert (count.trainable, count.total) == (trainable, total)
+
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize(
+    ("arch", "targets", "tied"),
+    [("qwen3", ALL_PROJECTIONS, True), ("gemma3", [], True), ("llama", ["k_proj", "o_proj"], False)],
+)
+def test_lora_on_grouped_query_attention_equals_peft(arch, targets, tied):
+    """k_proj and v_proj are n_kv_head · head wide, q_proj and o_proj n_head · head: adapters follow."""
+    peft = pytest.importorskip("peft")
+    spec = _hf_spec(arch, 48, 2, 6, 2, 16, 80, 128, tied, lora={"r": 4, "target_modules": targets})
+    model_cls, config = _hf_built(spec)
+    peft_config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets or None, task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model_cls(config), peft_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
+    count = count_params(spec)
+    assert (count.trainable, count.total) == (trainable, total)
+
+
+# The configs' models, counted by building them on the meta device (no download, no memory): the text model only
+REAL_COUNTS = {
+    "qwen3-4b-lora-zero2": 4_022_468_096,
+    "qwen3-8b-lora-zero3": 8_190_735_360,
+    "gemma3-27b-zero3": 27_009_346_304,
+}
+
+
+@pytest.mark.parametrize("config", sorted(REAL_COUNTS))
+def test_configs_plan_the_real_parameter_counts(config):
+    """Each config's shape fields build (on the meta device) the real model, and the planner counts it exactly."""
+    from pathlib import Path
+
+    from hpcds.plan import plan_job
+    from hpcds.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "configs" / f"{config}.yaml")
+    model_cls, hf_config = _hf_built(spec.model)
+    with torch.device("meta"):
+        built = model_cls(hf_config)
+    base = sum({id(p): p.numel() for p in built.parameters()}.values())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in built.modules())
+    plan = plan_job(spec)
+    adapters = plan.params.trainable if spec.model.lora is not None else 0
+    assert base == REAL_COUNTS[config] and plan.params.largest_layer == largest
+    assert plan.params.total - adapters == base
+    if spec.model.lora is not None:
+        assert plan.params.frozen == base
 
 
 def _kept_bytes(model, ids) -> int:
