@@ -295,3 +295,96 @@ def test_communication_buckets_follow_the_rendered_deepspeed_config():
     assert bucket_bytes(spec, Strategy(3), params) == (d * d + int(0.9 * d * d)) * 2
     row = plan_job(spec, gpu_mem_gb=80).row(Strategy(2))
     assert row.total_bytes == row.model_state_bytes + row.activations_bytes + row.buffers_bytes
+
+
+def test_lora_cpu_ram_charges_optimizer_state_to_the_adapters_only():
+    """Offloaded optimizer state is 16 B per trainable parameter; loading and offloaded weights hold every weight."""
+    total, trainable, largest = 8_234_382_336, 43_646_976, 622_329_856  # Qwen3-8B + r-16 adapters on every projection
+    lora = ParamCount(total=total, trainable=trainable, frozen=total - trainable, largest_layer=largest)
+    gpus, nodes = 4, 2
+
+    def cpu(strategy: Strategy) -> int:
+        return model_state_bytes(strategy, lora, gpus, nodes)[3]
+
+    # ZeRO-2: every rank first loads the whole model in fp32 (4 B), DeepSpeed's 4 B x GPUs in the job when offloading
+    assert cpu(Strategy(2)) == int(total * 4 * gpus * 1.5)
+    assert cpu(Strategy(2, offload_optimizer=True)) == int(total * 4 * gpus * nodes * 1.5)
+    # ZeRO-3: fp32 master, Adam moments and fp32 gradients (16 B) for the adapters, + 2 B per offloaded 16-bit weight
+    assert cpu(Strategy(3)) == int(largest * 4 * gpus * 1.5)
+    assert cpu(Strategy(3, offload_optimizer=True)) == int(trainable * 16 / nodes * 1.5)
+    assert cpu(Strategy(3, True, True)) == int((2 * total + 16 * trainable) / nodes * 1.5)
+    # few GPUs and mostly trainable weights: ZeRO-2's optimizer state outgrows the loading copies
+    most = ParamCount(total=1000, trainable=900, frozen=100, largest_layer=10)
+    assert model_state_bytes(Strategy(2, offload_optimizer=True), most, 2, 1)[3] == int(900 * 16 * 1.5)
+
+
+def test_lora_configs_cpu_column_follows_the_adapters():
+    """Qwen3-8B LoRA with parameters and optimizer offloaded: the bf16 base and the adapters' states, not 18 B/param."""
+    spec = load_spec("configs/qwen3-8b-lora-zero3.yaml")
+    plan = plan_job(spec)
+    params = plan.params
+    row = plan.row(Strategy(3, offload_optimizer=True, offload_params=True))
+    assert row.cpu_bytes_per_node == int((2 * params.total + 16 * params.trainable) * 1.5)
+    assert row.cpu_bytes_per_node < 25 * GIB < params.total * 18
+
+
+def _hf_folder(tmp_path, config: dict, spec_lines: str = ""):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(f"name: x\nmodel:\n  type: hf\n  path: {tmp_path}\n{spec_lines}")
+    return spec_path
+
+
+QWEN3_CONFIG = {
+    "model_type": "qwen3",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 96,
+    "vocab_size": 300,
+    "tie_word_embeddings": True,
+}
+
+
+def test_plan_reads_the_whole_shape_from_config_json_and_says_so(tmp_path):
+    spec_path = _hf_folder(tmp_path, QWEN3_CONFIG)
+    result = CliRunner().invoke(cli, ["plan", str(spec_path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    # embedding (tied, once) + final norm + per block: q 64·128, k and v 64·32, o 128·64, MLP 3·64·96, q/k norms of
+    # 16 each, two 64-wide norms
+    block = 64 * 128 + 2 * 64 * 32 + 128 * 64 + 3 * 64 * 96 + 2 * 16 + 2 * 64
+    assert data["params"] == 300 * 64 + 64 + 2 * block
+    read = [note for note in data["notes"] if note.startswith("read from")]
+    fields = ("d_model", "n_layer", "n_head", "n_kv_head", "attn_head_dim", "d_ff", "tie_embeddings", "hf_arch")
+    assert len(read) == 1 and all(f"model.{name}" in read[0] for name in fields)
+    table = CliRunner().invoke(cli, ["plan", str(spec_path)])
+    assert table.exit_code == 0 and "note: read from" in table.output
+
+
+def test_plan_keeps_the_specs_shape_fields_and_reports_differences(tmp_path):
+    spec_path = _hf_folder(tmp_path, QWEN3_CONFIG, "  n_head: 8\n  n_kv_head: 8\n  tie_embeddings: false\n")
+    data = json.loads(CliRunner().invoke(cli, ["plan", str(spec_path), "--json"]).output)
+    notes = " | ".join(data["notes"])
+    assert "model.n_kv_head is 8 in the spec, 2 in" in notes and "model.tie_embeddings is False" in notes
+    # planned as the spec says (multi-head, untied), the rest from config.json
+    block = 4 * 64 * 128 + 3 * 64 * 96 + 2 * 16 + 2 * 64
+    assert data["params"] == 2 * 300 * 64 + 64 + 2 * block
+
+
+def test_plan_reads_gemma3s_text_config_and_rejects_a_bad_shape(tmp_path):
+    text = {**QWEN3_CONFIG, "model_type": "gemma3_text", "num_key_value_heads": 4}
+    del text["tie_word_embeddings"]  # Gemma 3 configs leave it out: tied by default
+    spec_path = _hf_folder(tmp_path, {"model_type": "gemma3", "text_config": text, "vision_config": {}})
+    data = json.loads(CliRunner().invoke(cli, ["plan", str(spec_path), "--json"]).output)
+    block = 64 * 128 + 2 * 64 * 64 + 128 * 64 + 3 * 64 * 96 + 2 * 16 + 4 * 64  # four norms per Gemma 3 block
+    assert data["params"] == 300 * 64 + 64 + 2 * block
+    bad = _hf_folder(tmp_path, {**QWEN3_CONFIG, "num_key_value_heads": 3})
+    result = CliRunner().invoke(cli, ["plan", str(bad)])
+    assert result.exit_code == 1 and isinstance(result.exception, HpcdsError)
+    assert "model.n_kv_head" in str(result.exception) and "hint:" in str(result.exception)
+    unknown = _hf_folder(tmp_path, {**QWEN3_CONFIG, "model_type": "phi3"})
+    notes = json.loads(CliRunner().invoke(cli, ["plan", str(unknown), "--json"]).output)["notes"]
+    assert any("model_type 'phi3'" in note and "Llama blocks" in note for note in notes)
