@@ -227,3 +227,41 @@ def test_secrets_never_go_into_the_spec():
     found = problems_of(excinfo)
     assert {"slurm.env.WANDB_API_KEY", "slurm.env.HF_TOKEN"} <= set(found)
     assert "secret" in found["slurm.env.WANDB_API_KEY"]
+
+
+def test_attention_shape_fields_checked_with_paths_and_hints(tmp_path):
+    path = write(
+        tmp_path,
+        """
+name: run
+model: {type: hf, path: some/model, d_model: 100, n_layer: 2, n_head: 8, n_kv_head: 3, head_dim: 128}
+""",
+    )
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(path)
+    found = problems_of(excinfo)
+    assert "not a multiple of n_kv_head 3" in found["model.n_kv_head"]
+    assert "not divisible by n_head 8" in found["model.attn_head_dim"]  # the head size cannot be derived
+    assert "model.attn_head_dim: 128" in found["model.head_dim"]  # Mamba-2's field: the hint names the right one
+    path = write(tmp_path, "name: run\nmodel: {type: hf, path: some/model, d_model: 64, n_layer: 2, n_kv_head: 2}\n")
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(path)
+    assert problems_of(excinfo)["model.n_head"].startswith("is required with model.n_kv_head")
+
+
+def test_hf_only_fields_rejected_for_the_built_in_families(tmp_path):
+    path = write(
+        tmp_path,
+        """
+name: run
+model: {type: gpt2, d_model: 64, n_layer: 2, n_head: 4, n_kv_head: 2, attn_head_dim: 16, hf_arch: qwen3,
+        tie_embeddings: false}
+""",
+    )
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(path)
+    found = problems_of(excinfo)
+    assert {"model.n_kv_head", "model.attn_head_dim", "model.hf_arch", "model.tie_embeddings"} <= set(found)
+    assert "always ties" in found["model.tie_embeddings"]
+    tied = load_spec(None, ["model.tie_embeddings=true"], preset="gpt2-xl")  # true is what GPT-2 builds anyway
+    assert tied.model.tie_embeddings is True
