@@ -11,6 +11,7 @@ Token ids come back as numpy arrays so the writer never touches Python lists of 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -50,6 +51,7 @@ NAMES = ("bytes", "cl100k_base", "gpt2")
 HF_PREFIX = "hf:"
 # Settings in tokenizer.json that do not change which id a token gets: left out of the fingerprint.
 HF_SETTINGS = ("truncation", "padding", "version")
+HF_PARALLELISM = "TOKENIZERS_PARALLELISM"
 
 
 @dataclass(frozen=True)
@@ -302,10 +304,11 @@ def _from_hf_folder(given: str) -> Tokenizer:
 
     def encode_batch(texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
         # add_special_tokens=False: no BOS/EOS per piece; pieces concatenate to the ids of the whole text.
-        if num_threads > 1:  # the Rust thread pool; inside worker processes, one text at a time instead
+        if num_threads > 1:  # the Rust thread pool, on every core
             encodings = encode_fast(texts, add_special_tokens=False)
-        else:
-            encodings = [backend.encode(text, add_special_tokens=False) for text in texts]
+        else:  # one thread (a worker process, or a trainer next to torch's threads)
+            with _hf_serial():
+                encodings = encode_fast(texts, add_special_tokens=False)
         return [np.array(e.ids, dtype=np.uint32) for e in encodings]
 
     def decode(ids: list[int]) -> str:
@@ -349,3 +352,19 @@ def _chat_renderer(template: str, specials: dict, folder: Path) -> Callable[[lis
         return rendered[0]
 
     return render
+
+
+@contextlib.contextmanager
+def _hf_serial():
+    """`tokenizers` reads TOKENIZERS_PARALLELISM at each batch call: off, a batch is encoded on the calling thread
+    (a batch loop without offsets, faster than encode() per text), and nothing starts the thread pool, so forked
+    workers stay safe to fork."""
+    before = os.environ.get(HF_PARALLELISM)
+    os.environ[HF_PARALLELISM] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[HF_PARALLELISM]
+        else:
+            os.environ[HF_PARALLELISM] = before
