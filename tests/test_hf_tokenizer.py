@@ -35,6 +35,27 @@ UNSTABLE = (
     "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# The turn logic of Qwen3's template: the answers after the last user message are written with a thinking block
+# (empty when the message has no reasoning_content), earlier answers without, so an answer is written differently
+# once a later user turn follows.
+QWEN3 = (
+    "{%- set ns = namespace(last_query_index=messages|length - 1, found=false) %}"
+    "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if not ns.found and message.role == 'user' %}{%- set ns.found = true %}{%- set ns.last_query_index = index %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or message.role == 'system' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{%- set reasoning_content = message.reasoning_content if message.reasoning_content is string else '' %}"
+    "{%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' }}"
+    "{{- message.content }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + message.content }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "What is two plus two? Two plus two is four.",
@@ -80,8 +101,9 @@ def tokenizers_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hf")
     save_tokenizer(root / "chat", 340, "<|im_end|>", CHATML)
     save_tokenizer(root / "plain", 330, "<|endoftext|>", None)
-    shutil.copytree(root / "chat", root / "unstable")
-    (root / "unstable/chat_template.jinja").write_text(UNSTABLE)
+    for name, template in (("unstable", UNSTABLE), ("qwen3", QWEN3)):
+        shutil.copytree(root / "chat", root / name)
+        (root / name / "chat_template.jinja").write_text(template)
     return root
 
 
@@ -224,6 +246,30 @@ def test_chat_folder_is_read_as_batches_with_targets_on_answers_only(tmp_path, t
             expected = ["Four.<|im_end|>\n", "Blue.<|im_end|>\n"] if "Name a colour" in text else ["Four.<|im_end|>\n"]
             assert [tok.decode(run) for run in runs(row_y, row_y != IGNORE_INDEX)] == expected
             assert text.endswith("<|im_end|>")  # padded with end-of-text (here <|im_end|>), never a target
+
+
+def test_qwen3_style_template_trains_every_answer_as_the_whole_conversation_writes_it(tmp_path, tokenizers_dir):
+    reasoned = [*CHAT[:2], {**CHAT[2], "reasoning_content": "2 + 2 = 4"}, *CHAT[3:]]
+    last_reasoned = [*CHAT[:4], {**CHAT[4], "reasoning_content": "Pick one."}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in (CHAT, reasoned, last_reasoned)])
+    tokenizer = f"hf:{tokenizers_dir / 'qwen3'}"
+    prepare_files([path], tmp_path / "out", tokenizer=tokenizer, messages_field="messages", val_fraction=0)
+    tok = get_tokenizer(tokenizer)
+    tokens, mask = read(tmp_path / "out")
+    starts = np.fromfile(tmp_path / "out/train.idx.bin", dtype=np.uint64).tolist()
+    history = "<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nWhat is two plus two?<|im_end|>\n"
+    expected = [
+        (["Four.<|im_end|>\n", "<think>\n\n</think>\n\nBlue.<|im_end|>\n"], "<|im_start|>assistant\nFour."),
+        # An earlier answer's reasoning is not in the whole conversation: neither read nor trained on.
+        (["Four.<|im_end|>\n", "<think>\n\n</think>\n\nBlue.<|im_end|>\n"], "<|im_start|>assistant\nFour."),
+        (["Four.<|im_end|>\n", "<think>\nPick one.\n</think>\n\nBlue.<|im_end|>\n"], "<|im_start|>assistant\nFour."),
+    ]
+    for (first, stop), (answers, prefix) in zip(
+        zip(starts, [*starts[1:], len(tokens)], strict=True), expected, strict=True
+    ):
+        text = tok.decode(tokens[first:stop].tolist())
+        assert text.startswith(history + prefix) and "2 + 2 = 4" not in text
+        assert [tok.decode(run) for run in runs(tokens[first:stop], mask[first:stop] == 1)] == answers
 
 
 @pytest.mark.parametrize(

@@ -97,40 +97,54 @@ def piece_from_record(
 
 
 def chat_piece(record: dict, origin: str, field: str, render_chat: Callable[[list[dict], bool], str]) -> Piece:
-    """A conversation cut into spans at its assistant turns, from renders of its growing prefixes.
+    """A conversation, rendered whole by the chat template, cut into spans at its assistant turns.
 
-    For assistant message i, render(messages[:i], add_generation_prompt=True) ends where the answer begins and
-    render(messages[:i + 1]) where it (with the template's end-of-turn) ends; the difference is the trained span. That
-    needs a prefix-stable template: each render must begin with the previous one, which is checked, not assumed.
+    Assistant message i starts where render(messages[:i], add_generation_prompt=True) ends, which must be a prefix
+    of the whole rendering. Its turn, as the template writes it when it is the last message, is what
+    render(messages[:i + 1]) adds to that; the whole rendering must continue with that turn, or (templates that write
+    earlier turns shorter, like Qwen3's, which drops their thinking block) with the message's content and the same
+    end-of-turn text. Whatever else a template does is an error, never a guessed mask.
     """
     messages = check_messages(record, origin, field)
-    spans: list[tuple[str, bool]] = []
-    done = ""  # the text covered by spans so far
 
     def render(count: int, add_generation_prompt: bool) -> str:
         try:
-            text = render_chat(messages[:count], add_generation_prompt)
+            return render_chat(messages[:count], add_generation_prompt)
         except HpcdsError as exc:
             raise HpcdsError(f"{origin}: {exc}") from None
-        if not text.startswith(done):
-            raise HpcdsError(
-                f"{origin}: the chat template is not prefix-stable: rendering the first {count} messages does not "
-                "begin with the rendering of fewer (the template rewrites earlier turns, e.g. drops their reasoning)"
-                f"\nhint: cannot find the assistant turns to train on; drop such fields from the messages or use "
-                f"--prompt-field/--response-field"
-            )
-        return text
 
+    def unstable(what: str) -> HpcdsError:
+        return HpcdsError(
+            f"{origin}: the chat template is not prefix-stable: {what}, so the assistant turns cannot be told apart"
+            "\nhint: the template rewrites earlier turns (e.g. a message's reasoning, or content it splits); drop "
+            "such fields from the messages, or write the pairs with --prompt-field/--response-field"
+        )
+
+    whole = render(len(messages), False)
+    spans: list[tuple[str, bool]] = []
+    done = 0  # characters of `whole` covered by spans so far
     for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            head = render(i, True)
-            spans.append((head[len(done) :], False))
-            done = head
-            full = render(i + 1, False)
-            spans.append((full[len(done) :], True))
-            done = full
-    if messages[-1]["role"] != "assistant":  # turns after the last answer: read, not trained on
-        spans.append((render(len(messages), False)[len(done) :], False))
+        if message["role"] != "assistant":
+            continue
+        head = render(i, True)
+        if not whole.startswith(head) or len(head) < done:
+            raise unstable(f"the conversation up to message {i} with the generation prompt does not begin the whole")
+        full = render(i + 1, False)
+        if not full.startswith(head):
+            raise unstable(f"message {i} rendered last does not follow its generation prompt")
+        turn = full[len(head) :]
+        cut = turn.rfind(message["content"])
+        # An empty content would match anywhere: such a turn must be written the same in both places.
+        short = message["content"] + turn[cut + len(message["content"]) :] if cut >= 0 and message["content"] else None
+        if whole.startswith(turn, len(head)):
+            end = len(head) + len(turn)
+        elif short is not None and whole.startswith(short, len(head)):
+            end = len(head) + len(short)  # an earlier turn written shorter: its content and end-of-turn
+        else:
+            raise unstable(f"message {i} is written differently once later messages follow")
+        spans += [(whole[done : len(head)], False), (whole[len(head) : end], True)]
+        done = end
+    spans.append((whole[done:], False))  # turns after the last answer: read, not trained on
     kept = [(text, target) for text, target in spans if text]
     return Piece(
         tuple(t for t, _ in kept), ends_document=True, origin=origin, targets=tuple(target for _, target in kept)
