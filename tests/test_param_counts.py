@@ -271,3 +271,20 @@ def test_gpt2_activation_estimate_covers_what_transformers_keeps(d_model, n_head
     kept = _kept_bytes(model, torch.randint(0, 300, (2, seq)))
     planned = activation_bytes(spec, 2, seq, precision, checkpointing=False)
     assert kept <= planned < 2 * kept
+
+
+def test_lora_tiny_config_equals_the_model_its_folder_builds():
+    """configs/lora-tiny.yaml's shape lines against the Qwen3 its model.path folder builds, with peft's adapters."""
+    peft = pytest.importorskip("peft")
+    from pathlib import Path
+
+    from hpcds.spec import load_spec
+
+    root = Path(__file__).resolve().parents[1]
+    spec = load_spec(root / "configs" / "lora-tiny.yaml").model
+    config = transformers.AutoConfig.from_pretrained(root / spec.path, local_files_only=True)
+    lora = peft.LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, target_modules=spec.lora.target_modules)
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(config), lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    count = count_params(spec)
+    assert (count.total, count.trainable) == (sum(p.numel() for p in model.parameters()), trainable)
