@@ -363,14 +363,20 @@ def test_cli_prepare_and_info_with_an_hf_folder(tmp_path, tokenizers_dir, capsys
     assert "no decoded sample" in out and "does not exist" in out and "documents" in out
 
 
-def test_hf_chat_prepare_does_not_import_torch(tmp_path, tokenizers_dir):
-    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 3)
-    args = [str(path), "--out", str(tmp_path / "out"), "--tokenizer", f"hf:{tokenizers_dir / 'chat'}"]
+def test_hf_prepare_does_not_import_torch(tmp_path, tokenizers_dir):
+    # Text needs only `tokenizers`; chat data also transformers' template code, which does not import torch.
+    chats = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 3)
+    (tmp_path / "a.txt").write_text(CORPUS[0])
+    tokenizer = f"hf:{tokenizers_dir / 'chat'}"
+    text_args = [str(tmp_path / "a.txt"), "--out", str(tmp_path / "text"), "--tokenizer", tokenizer, "--json"]
+    chat_args = [str(chats), "--out", str(tmp_path / "chat"), "--tokenizer", tokenizer, "--messages-field", "messages"]
     probe = (
         "import sys\nfrom hpcds.cli import main\n"
-        f"main(['data', 'prepare', *{args!r}, '--messages-field', 'messages', '--json'])\n"
+        f"main(['data', 'prepare', *{text_args!r}])\n"
+        "print('TRANSFORMERS' if 'transformers' in sys.modules else 'NO-TRANSFORMERS')\n"
+        f"main(['data', 'prepare', *{chat_args!r}])\n"
         "print('TORCH' if 'torch' in sys.modules else 'LIGHT')"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("LIGHT")
+    assert "NO-TRANSFORMERS" in result.stdout and result.stdout.strip().endswith("LIGHT")
