@@ -180,13 +180,14 @@ for text in {specs_json!r}:
 
 def test_zero3_config_builds_the_model_already_partitioned(tmp_path):
     """With zero3_config, no rank materialises the base: every base parameter is a ZeRO-3 shard from construction
-    (from_pretrained via HfDeepSpeedConfig for hf folders, deepspeed.zero.Init for the built-in families)."""
+    (from_pretrained / from_config under HfDeepSpeedConfig; Mamba's own init would fail on an empty shard)."""
     from hpcds.spec import ModelSpec
     from hpcds.train.models import build_model
 
     specs = [
         ModelSpec(type="hf", path=str(write_tiny_qwen3(tmp_path / "base")), vocab_size=256),
         ModelSpec(type="gpt2", d_model=32, n_layer=2, n_head=4, vocab_size=256, max_seq_len=32, lora={"r": 4}),
+        ModelSpec(type="mamba", d_model=32, n_layer=1, vocab_size=256, max_seq_len=32),
     ]
     sharded = _build_partitioned([spec.model_dump_json() for spec in specs])
     assert len(sharded) == len(specs)

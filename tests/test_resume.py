@@ -135,6 +135,10 @@ def test_sigterm_save_and_resume_is_bit_identical(stage, tmp_path, shared_env, m
     assert events(interrupted, "finished")[-1]["step"] == MAX_STEPS
 
     assert_identical(straight, interrupted, stage)
+    # ZeRO-3 builds the model inside zero.Init: rank 0 never held a whole parameter; other stages build it whole.
+    built = events(straight, "model")[0]
+    assert built["params"] == built["trainable"] > 0
+    assert built["materialized"] == (0 if stage == 3 else built["params"])
 
     if wandb_mode == "offline":
         wandb_id = runs.read_meta(interrupted)["wandb_id"]

@@ -101,13 +101,21 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     found = checkpoint.find_resumable(ckpt_dir, rank=rank, world=world)
     phases_s["verify"] = round(time.perf_counter() - verify_started, 3)
     mark = time.perf_counter()
+    # ZeRO-3 builds the model inside zero.Init: each parameter is partitioned as it is created, so no rank ever holds
+    # the whole model (a model larger than one GPU could not start otherwise).
+    zero3_config = ds_config if spec.deepspeed.zero_stage == 3 else None
     with _weights_init_skipped(found.tag is not None):
-        model = models.build_model(spec.model, seed=spec.training.seed)
+        model = models.build_model(spec.model, seed=spec.training.seed, zero3_config=zero3_config)
     if found.tag is not None and hasattr(model, "tie_weights"):
         model.tie_weights()  # no_init_weights also skips tying (transformers 5): untied, the ZeRO layout would differ
     if spec.training.activation_checkpointing:
         models.enable_activation_checkpointing(model)
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: a ZeRO-3 shard's whole
+    if rank == 0:
+        # `materialized`: elements this rank holds whole after the build; 0 under zero.Init (only shards exist).
+        materialized = sum(p.numel() for p in model.parameters())
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        runs.append_event(run_dir, "model", params=params, trainable=trainable, materialized=materialized)
     phase("model")
     optimizer = make_optimizer(model, spec, lr_for_spec(0, spec.training))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)

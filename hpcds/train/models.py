@@ -127,13 +127,16 @@ def build_model(model, *, seed: int, zero3_config: dict | None = None):
         "mamba2": transformers.Mamba2ForCausalLM,
         "gpt2": transformers.GPT2LMHeadModel,
     }
-    with torch.random.fork_rng(devices=[]), _zero3_init(zero3_config, builtin=model.type != "hf"):
+    with torch.random.fork_rng(devices=[]), _zero3_init(zero3_config):
         torch.manual_seed(seed)
         if model.type == "hf":
             net = _load_hf(model.path)
+        elif zero3_config is not None:
+            # from_config, not the class: under ZeRO-3 it builds inside zero.Init and then initialises each module's
+            # gathered weights on rank 0 (the class's own init would write into empty shards).
+            net = transformers.AutoModelForCausalLM.from_config(model_config(model))
         else:
-            config = model_config(model)
-            net = classes[model.type](config)
+            net = classes[model.type](model_config(model))
         if model.lora is not None:
             net = _with_lora(net, model.lora)
     net.train()
@@ -141,19 +144,16 @@ def build_model(model, *, seed: int, zero3_config: dict | None = None):
 
 
 @contextlib.contextmanager
-def _zero3_init(ds_config: dict | None, *, builtin: bool):
-    """transformers' HfDeepSpeedConfig (from_pretrained / from_config then use zero.Init themselves), plus an explicit
-    zero.Init for the families built by calling the model class directly."""
+def _zero3_init(ds_config: dict | None):
+    """transformers' HfDeepSpeedConfig: while it lives, from_pretrained / from_config build inside zero.Init."""
     if ds_config is None:
         yield
         return
-    import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
     # transformers keeps only a weak reference: this object must stay alive while the model is built.
     hf_config = HfDeepSpeedConfig(ds_config)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config) if builtin else contextlib.nullcontext():
-        yield
+    yield
     del hf_config
 
 
