@@ -327,12 +327,14 @@ def test_messages_field_needs_a_chat_template_and_excludes_other_fields(tmp_path
 
 
 def test_tokenizer_folder_errors(tmp_path, tokenizers_dir):
-    with pytest.raises(HpcdsError, match=r"hf:Qwen/Qwen3-0\.6B: .* does not exist\nhint: hpcds never downloads") as e:
+    with pytest.raises(HpcdsError, match=r"hf:Qwen/Qwen3-0\.6B: .* does not exist .*never downloads\)\nhint: ") as e:
         get_tokenizer("hf:Qwen/Qwen3-0.6B")
     assert "huggingface-cli download Qwen/Qwen3-0.6B --local-dir DIR" in str(e.value) and "hf:DIR" in str(e.value)
     with pytest.raises(HpcdsError, match=r"unknown tokenizer 'Qwen/Qwen3-0\.6B'.*\nhint: .* hf:Qwen/Qwen3-0\.6B"):
         get_tokenizer("Qwen/Qwen3-0.6B")
     (tmp_path / "empty").mkdir()
+    with pytest.raises(HpcdsError, match=r"hf: names no folder"):
+        get_tokenizer("hf:")
     with pytest.raises(HpcdsError, match=r"holds no tokenizer\.json"):
         get_tokenizer(f"hf:{tmp_path / 'empty'}")
     no_eos = tmp_path / "no-eos"

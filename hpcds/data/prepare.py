@@ -1,4 +1,6 @@
 """`hpcds data prepare`: read text or JSONL files, tokenize them on every core, and stream the ids into memmaps.
+JSONL records are text, prompt/response pairs, or chat conversations, which the parent renders with the tokenizer's
+chat template (hpcds/data/pieces.py cuts them into trained and untrained spans) before the workers tokenize them.
 
 Output folder: `train.bin` / `val.bin` (token ids, dtype by vocabulary size), `train.idx.bin` / `val.idx.bin`
 (uint64 offsets where documents start), for SFT data `train.mask.bin` / `val.mask.bin` (uint8, 1 where the token is

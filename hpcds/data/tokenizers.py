@@ -212,25 +212,30 @@ def dtype_for_vocab(vocab_size: int) -> str:
 
 
 def _hf_folder(given: str) -> Path:
+    if not given:
+        raise HpcdsError("tokenizer hf: names no folder\nhint: hf:FOLDER, the folder holding tokenizer.json")
     folder = Path(given).expanduser()
-    download_hint = (
-        f"\nhint: hpcds never downloads; on a machine with internet run"
-        f"\n    huggingface-cli download {given or 'NAME'} --local-dir DIR"
-        "\n  (the tokenizer* files are enough), then use hf:DIR"
-    )
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise HpcdsError(f"tokenizer hf:{given}: {folder} {what}{download_hint}")
+        raise HpcdsError(
+            f"tokenizer hf:{given}: {folder} {what} (hf: takes a local folder; hpcds never downloads)"
+            "\nhint: on a machine with internet run"
+            f"\n    huggingface-cli download {given} --local-dir DIR"
+            "\n  (the model's tokenizer* files are enough), then use hf:DIR"
+        )
     if not (folder / "tokenizer.json").is_file():
         raise HpcdsError(
-            f"tokenizer hf:{given}: {folder} holds no tokenizer.json (a fast Hugging Face tokenizer){download_hint}"
+            f"tokenizer hf:{given}: {folder} holds no tokenizer.json (a fast Hugging Face tokenizer)"
+            "\nhint: copy the model's tokenizer.json and tokenizer_config.json there; a folder with only a "
+            "sentencepiece tokenizer.model gets a tokenizer.json from "
+            "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
         )
     return folder.resolve()
 
 
 def hf_fingerprint(tokenizer_json: Path) -> str:
     """`hf:` + a hash of the vocabulary, merges, special tokens and splitting rules: two copies of one tokenizer (even
-    saved by different library versions, with other key order or settings) get one name, so their data may mix."""
+    with other key order, indentation, or truncation and padding settings) get one name, so their data may mix."""
     try:
         content = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
