@@ -139,7 +139,8 @@ def test_text_round_trips_with_end_of_text_per_document(tmp_path, tokenizers_dir
     assert meta["vocab_size"] == tok.vocab_size == len(vocab) == 330  # the special tokens are inside the 330
     assert meta["dtype"] == "uint16" and meta["eot_id"] == tok.eot_id == vocab["<|endoftext|>"]
     assert meta["tokenizer"].startswith("hf:") and len(meta["tokenizer"]) == 3 + 16
-    assert meta["tokenizer_source"] == f"hf:{folder.resolve()}"
+    assert meta["tokenizer_source"] == tok.source == f"hf:{folder.resolve()}"
+    assert get_tokenizer(tok.source).name == tok.name  # what a spawned worker process rebuilds
     tokens, _ = read(tmp_path / "out")
     eot_positions = np.flatnonzero(tokens == tok.eot_id)
     assert eot_positions.tolist() == [eot_positions[0], len(tokens) - 1]  # one end-of-text after each document
