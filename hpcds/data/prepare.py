@@ -142,6 +142,9 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _start_worker(tokenizer_source: str) -> None:
     global _worker_tokenizer
+    # One thread per worker: the workers already fill the cores, and `tokenizers` (hf:) would start a thread pool
+    # per process. Set once here, where the process is ours alone, so encoding need not switch it per call.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if _worker_tokenizer is None:  # a forked worker inherits the parent's; a spawned one loads it
         _worker_tokenizer = get_tokenizer(tokenizer_source)
 

@@ -363,8 +363,11 @@ def _chat_renderer(template: str, specials: dict, folder: Path) -> Callable[[lis
 def _hf_serial():
     """`tokenizers` reads TOKENIZERS_PARALLELISM at each batch call: off, a batch is encoded on the calling thread
     (a batch loop without offsets, faster than encode() per text), and nothing starts the thread pool, so forked
-    workers stay safe to fork."""
+    workers stay safe to fork. Worker processes set it once for good; elsewhere it is switched for the call."""
     before = os.environ.get(HF_PARALLELISM)
+    if before == "false":
+        yield
+        return
     os.environ[HF_PARALLELISM] = "false"
     try:
         yield
