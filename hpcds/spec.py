@@ -134,7 +134,11 @@ class ModelSpec(Strict):
         description="hf: block layout the planner counts, config.json's model_type: llama (also mistral; default), "
         "qwen2 (q/k/v biases), qwen3 (q/k norms), gemma3 (q/k norms, four norms per block).",
     )
-    path: SafeStr | None = Field(None, description="hf: Hugging Face model name or local folder.")
+    path: SafeStr | None = Field(
+        None,
+        description="hf: Hugging Face model name (in the local cache) or local folder. mamba / mamba2 / gpt2: "
+        "optional pretrained weights to start from, of the spec's shape (e.g. GPT-2 XL's).",
+    )
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights.")
 
     @model_validator(mode="after")

@@ -147,6 +147,25 @@ def test_hf_local_folder_loads_weights_or_builds_from_config(tmp_path):
         build_model(ModelSpec(type="hf", path=str(tmp_path / "absent")), seed=0)
 
 
+@pytest.mark.parametrize("family", TINY)
+def test_builtin_family_starts_from_pretrained_weights_of_its_shape(family, tmp_path):
+    source = build_model(spec(family), seed=11)
+    source.save_pretrained(tmp_path / "pretrained")
+    started = build_model(spec(family, path=str(tmp_path / "pretrained")), seed=0)
+    assert type(started) is type(source)
+    for (name, mine), (_, theirs) in zip(started.state_dict().items(), source.state_dict().items(), strict=True):
+        assert torch.equal(mine, theirs), name
+    assert started.config.to_dict().get("resid_pdrop", 0.0) == 0.0  # the spec's config: dropout stays off
+
+    wider = {**TINY[family], "d_model": 64}
+    with pytest.raises(HpcdsError, match="does not have the spec's shape") as info:
+        build_model(ModelSpec(**wider, vocab_size=VOCAB, path=str(tmp_path / "pretrained")), seed=0)
+    assert "64" in str(info.value) and "32" in str(info.value)  # says which field differs, both values
+    other = next(f for f in TINY if f != family)
+    with pytest.raises(HpcdsError, match="holds a"):
+        build_model(spec(other, path=str(tmp_path / "pretrained")), seed=0)
+
+
 def test_lora_trains_only_the_adapters():
     model = build_model(spec("gpt2", lora=LoraSpec(r=4, alpha=8)), seed=0)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]

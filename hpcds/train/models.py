@@ -131,6 +131,8 @@ def build_model(model, *, seed: int, zero3_config: dict | None = None):
         torch.manual_seed(seed)
         if model.type == "hf":
             net = _load_hf(model.path)
+        elif model.path:
+            net = _load_pretrained(model)
         elif zero3_config is not None:
             # from_config, not the class: under ZeRO-3 it builds inside zero.Init and then initialises each module's
             # gathered weights on rank 0 (the class's own init would write into empty shards).
@@ -157,18 +159,61 @@ def _zero3_init(ds_config: dict | None):
     del hf_config
 
 
-def _load_hf(path: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _local_config(path: str):
+    from transformers import AutoConfig
 
-    folder = Path(path)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        return AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise HpcdsError(
             f"model.path {path!r}: no local model config found ({exc.__class__.__name__})"
             "\nhint: hpcds never downloads models (compute nodes are offline); download on a machine with internet, "
             "e.g. `huggingface-cli download NAME --local-dir DIR`, and set model.path to DIR"
         ) from None
+
+
+# The config fields that fix a built-in family's weight shapes: pretrained weights must agree with the spec on them.
+SHAPE_FIELDS = {
+    "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner"),
+    "mamba": ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel", "expand"),
+    "mamba2": ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel", "expand", "head_dim"),
+}
+
+
+def _load_pretrained(model):
+    """A mamba / mamba2 / gpt2 spec started from the pretrained weights in `model.path` (a local folder or a name in
+    the local Hugging Face cache). The spec's config is used (no dropout, the CPU kernels), so its shape must be the
+    folder's; a difference is an error rather than a model that silently is not the one the spec describes."""
+    from transformers import AutoModelForCausalLM
+
+    wanted, found = model_config(model), _local_config(model.path)
+    if found.model_type != wanted.model_type:
+        raise HpcdsError(
+            f"model.path {model.path!r} holds a {found.model_type} model, not {wanted.model_type}"
+            f"\nhint: set model.type to match, or use model.type: hf for any Hugging Face causal LM"
+        )
+    differ = [
+        f"{key}: spec {getattr(wanted, key)}, folder {getattr(found, key, None)}"
+        for key in SHAPE_FIELDS[model.type]
+        if getattr(found, key, None) != getattr(wanted, key)
+    ]
+    if model.type == "gpt2":  # the position table keeps the folder's size, which must cover the sequence
+        wanted.n_positions = found.n_positions
+        if found.n_positions < model.max_seq_len:
+            differ.append(f"n_positions: folder {found.n_positions}, below model.max_seq_len {model.max_seq_len}")
+    if differ:
+        raise HpcdsError(
+            f"model.path {model.path!r} does not have the spec's shape ({'; '.join(differ)})"
+            "\nhint: set the model fields (or the preset) to the folder's config.json"
+        )
+    return AutoModelForCausalLM.from_pretrained(model.path, config=wanted, local_files_only=True, dtype="float32")
+
+
+def _load_hf(path: str):
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(path)
+    config = _local_config(path)
     _no_dropout(config)
     weights = ("*.safetensors", "*.bin", "*.pt")
     has_weights = not folder.is_dir() or any(next(folder.glob(pattern), None) for pattern in weights)
