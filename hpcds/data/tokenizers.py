@@ -113,7 +113,7 @@ def get_tokenizer(name: str) -> Tokenizer:
 
 
 def tokenizer_name(name: str) -> str:
-    """The name meta.json records for tokenizer `name`, without loading a vocabulary: equal names, equal ids."""
+    """The name meta.json records for tokenizer `name`, without building the tokenizer: equal names, equal ids."""
     if name.startswith(HF_PREFIX):
         return hf_fingerprint(_hf_folder(name[len(HF_PREFIX) :]) / "tokenizer.json")
     return canonical_name(name)
