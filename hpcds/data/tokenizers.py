@@ -343,7 +343,8 @@ def _chat_renderer(template: str, specials: dict, folder: Path) -> Callable[[lis
             from transformers.utils.chat_template_utils import render_jinja_template
         except ImportError:
             raise HpcdsError(
-                "rendering a chat template needs transformers >= 4.51\nhint: pip install -U transformers"
+                "rendering a chat template needs transformers >= 4.52 (chat_template_utils.render_jinja_template)"
+                "\nhint: pip install -U 'transformers>=4.52'"
             ) from None
         try:
             rendered, _ = render_jinja_template(
