@@ -187,8 +187,9 @@ def test_copies_of_one_tokenizer_mix_and_another_is_refused(tmp_path, tokenizers
     assert read(tmp_path / "A")[0].tolist() == read(tmp_path / "B")[0].tolist()
     data = open_data(DataSpec(train=[str(tmp_path / "A"), str(tmp_path / "B")]), 16, 0, tmp_path)
     assert data.tokenizer == metas["A"]["tokenizer"] and data.vocab_size == 340
-    with pytest.raises(HpcdsError, match="different tokenizers"):
+    with pytest.raises(HpcdsError, match="different tokenizers") as refused:
         open_data(DataSpec(train=[str(tmp_path / "A"), str(tmp_path / "C")]), 16, 0, tmp_path)
+    assert f"from hf:{tokenizers_dir / 'plain'}" in str(refused.value)  # the folders, not only their hashes
     # Builtin corpora for copies of one tokenizer share a cache folder, named by the fingerprint.
     fingerprint = metas["A"]["tokenizer"][3:]
     assert builtin_folder("stdlib-docs", f"hf:{copy}", tmp_path) == builtin_folder(
