@@ -169,7 +169,10 @@ def test_unpacked_sft_rows_hold_one_example_and_padding(tmp_path):
 
     packed = open_data(DataSpec(**spec), 64, 0, tmp_path)
     x, _ = packed.train_batch(3, 0, 0, 1, 16)
-    assert all(bytes(row).decode() not in examples for row in x.tolist())  # a packed row runs into the next example
+    texts = [bytes(row).decode() for row in x.tolist()]
+    # A packed row runs on into the next example; only a row that starts at the data's last example ends in padding.
+    continued = [t for t in texts if t.count("What is") + t.count("Name a") >= 2]
+    assert len(continued) >= len(texts) - 2 and all(not t.endswith("\0\0") for t in continued)
 
     padded = open_data(DataSpec(**spec, packing=False), 64, 0, tmp_path)
     for x, y in [padded.train_batch(3, 0, 0, 1, 16), padded.val_batch(0, 0, 1, 8)]:

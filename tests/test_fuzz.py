@@ -233,13 +233,17 @@ def sandbox(tmp_path_factory) -> dict[str, Path]:
 
 
 def execute(
-    script: str, sandbox: dict[str, Path], fake_rc: int, extra_env: dict[str, str] | None = None
+    script: str,
+    sandbox: dict[str, Path],
+    fake_rc: int,
+    extra_env: dict[str, str] | None = None,
+    earlier_events: str = "",
 ) -> tuple[int, list[list[str]], list[dict], str]:
     for old in sandbox["records"].iterdir():
         for file in old.iterdir():
             file.unlink()
         old.rmdir()
-    (sandbox["run"] / "events.jsonl").write_text("")
+    (sandbox["run"] / "events.jsonl").write_text(earlier_events)
     job = sandbox["run"] / "job.sbatch"
     job.write_text(script)
     env = {
@@ -376,10 +380,10 @@ def test_a_node_killed_after_the_trainer_stopped_still_requeues(sandbox):
     assert [e["event"] for e in events] == ["started", "stopped", "exited", "requeue"]
     assert (events[2]["rc"], events[2]["class"]) == (137, "requeued")
 
-    # The same exit code without the trainer's word is a failure.
-    rc, records, events, _ = execute(script, sandbox, fake_rc=137)
-    assert [e["event"] for e in events] == ["started", "exited", "not_requeued"]
-    assert events[1]["class"] == "failed"
+    # The same exit code without the trainer's word in this allocation is a failure, even after an earlier stop.
+    rc, records, events, _ = execute(script, sandbox, fake_rc=137, earlier_events=stopped + "\n")
+    assert [e["event"] for e in events] == ["stopped", "started", "exited", "not_requeued"]
+    assert events[2]["class"] == "failed"
 
 
 def test_the_recorders_catch_an_injection(sandbox):

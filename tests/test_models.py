@@ -150,12 +150,13 @@ def test_hf_local_folder_loads_weights_or_builds_from_config(tmp_path):
 @pytest.mark.parametrize("family", TINY)
 def test_builtin_family_starts_from_pretrained_weights_of_its_shape(family, tmp_path):
     source = build_model(spec(family), seed=11)
+    source.config.resid_pdrop = 0.1  # a pretrained folder with dropout: the spec's config (none) must win
     source.save_pretrained(tmp_path / "pretrained")
     started = build_model(spec(family, path=str(tmp_path / "pretrained")), seed=0)
     assert type(started) is type(source)
     for (name, mine), (_, theirs) in zip(started.state_dict().items(), source.state_dict().items(), strict=True):
         assert torch.equal(mine, theirs), name
-    assert started.config.to_dict().get("resid_pdrop", 0.0) == 0.0  # the spec's config: dropout stays off
+    assert getattr(started.config, "resid_pdrop", 0.0) == 0.0
 
     wider = {**TINY[family], "d_model": 64}
     with pytest.raises(HpcdsError, match="does not have the spec's shape") as info:
@@ -164,6 +165,34 @@ def test_builtin_family_starts_from_pretrained_weights_of_its_shape(family, tmp_
     other = next(f for f in TINY if f != family)
     with pytest.raises(HpcdsError, match="holds a"):
         build_model(spec(other, path=str(tmp_path / "pretrained")), seed=0)
+
+    # A resume builds from the config alone: the checkpoint overwrites every weight, the folder may be gone.
+    (tmp_path / "pretrained").rename(tmp_path / "moved")
+    resumed = build_model(spec(family, path=str(tmp_path / "pretrained")), seed=0, pretrained=False)
+    assert [p.shape for p in resumed.parameters()] == [p.shape for p in started.parameters()]
+
+
+def test_gpt2_pretrained_position_table_is_cut_to_the_sequence(tmp_path):
+    long = build_model(ModelSpec(**{**TINY["gpt2"], "max_seq_len": 64}, vocab_size=VOCAB), seed=3)
+    long.save_pretrained(tmp_path / "gpt2-64")
+    short = spec("gpt2", path=str(tmp_path / "gpt2-64"), d_ff=4 * 32)  # d_ff 4·d is the folder's null n_inner
+    started = build_model(short, seed=0)
+    # Exactly the spec's model (what export and the planner assume), with the first 32 pretrained positions.
+    assert {k: v.shape for k, v in started.state_dict().items()} == {
+        k: v.shape for k, v in build_model(spec("gpt2"), seed=0).state_dict().items()
+    }
+    assert torch.equal(started.transformer.wpe.weight, long.transformer.wpe.weight[:32])
+    assert started.config.n_positions == 32
+    with pytest.raises(HpcdsError, match=r"below model\.max_seq_len 128"):
+        build_model(
+            ModelSpec(**{**TINY["gpt2"], "max_seq_len": 128}, vocab_size=VOCAB, path=str(tmp_path / "gpt2-64")), seed=0
+        )
+
+
+def test_mamba2_pretrained_groups_must_match(tmp_path):
+    build_model(spec("mamba2", n_groups=2), seed=0).save_pretrained(tmp_path / "m2")
+    with pytest.raises(HpcdsError, match="n_groups: spec 1, folder 2"):
+        build_model(spec("mamba2", path=str(tmp_path / "m2")), seed=0)
 
 
 def test_lora_trains_only_the_adapters():

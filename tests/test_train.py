@@ -170,3 +170,32 @@ def test_sync_says_when_a_run_has_no_offline_logs(tmp_path):
     run_dir = runs.create_run(tmp_path, "r", lambda _: {}, meta={"wandb_id": "abcd1234"})
     result = CliRunner().invoke(cli, ["sync", str(run_dir), "--runs-dir", str(tmp_path)])
     assert "no offline W&B logs" in str(result.exception)
+
+
+def test_loss_is_the_mean_over_targets_and_zero_without_any():
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from hpcds.spec import ModelSpec
+    from hpcds.train.loop import Trainer
+    from hpcds.train.models import build_model
+
+    model = build_model(ModelSpec(type="gpt2", d_model=16, n_layer=1, n_head=2, vocab_size=32, max_seq_len=8), seed=0)
+    class Engine:  # what loss_of uses of a DeepSpeed engine: its device, and calling it
+        device = "cpu"
+
+        def __call__(self, **inputs):
+            return model(**inputs)
+
+    trainer = types.SimpleNamespace(engine=Engine())
+    x = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    y = x.roll(-1, dims=1)
+    y[0, :5] = -100  # an SFT row: prompt positions are not targets
+    logits = model(input_ids=x).logits
+    expected = F.cross_entropy(logits.reshape(-1, 32), y.reshape(-1), ignore_index=-100)
+    assert torch.allclose(Trainer.loss_of(trainer, x, y), expected)
+    # A micro-batch whose prompts fill the whole sequence has no target: loss 0 (no gradient), never NaN.
+    nothing = Trainer.loss_of(trainer, x, torch.full_like(y, -100))
+    assert nothing.item() == 0.0 and F.cross_entropy(logits.reshape(-1, 32), torch.full((16,), -100)).isnan()

@@ -105,7 +105,9 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     # the whole model (a model larger than one GPU could not start otherwise).
     zero3_config = ds_config if spec.deepspeed.zero_stage == 3 else None
     with _weights_init_skipped(found.tag is not None):
-        model = models.build_model(spec.model, seed=spec.training.seed, zero3_config=zero3_config)
+        model = models.build_model(
+            spec.model, seed=spec.training.seed, zero3_config=zero3_config, pretrained=found.tag is None
+        )
     if found.tag is not None and hasattr(model, "tie_weights"):
         model.tie_weights()  # no_init_weights also skips tying (transformers 5): untied, the ZeRO layout would differ
     if spec.training.activation_checkpointing:

@@ -110,9 +110,10 @@ class Trainer:
         import torch.nn.functional as F
 
         logits = self.engine(input_ids=x.to(self.engine.device)).logits
-        return F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), y.to(logits.device).reshape(-1), ignore_index=-100
-        )
+        targets = y.to(logits.device).reshape(-1)
+        total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, reduction="sum")
+        # Mean over the targets; an SFT micro-batch can hold none (prompts longer than the sequence): 0, not NaN.
+        return total / (targets != -100).sum().clamp(min=1)
 
     def grad_norm(self):
         return self.engine.get_global_grad_norm()

@@ -111,38 +111,53 @@ def model_config(model):
     raise ValueError(f"no built-in config for model type {model.type}")
 
 
-def build_model(model, *, seed: int, zero3_config: dict | None = None):
+def build_model(model, *, seed: int, zero3_config: dict | None = None, pretrained: bool = True):
     """A fresh (or, for `hf`, loaded) causal LM in fp32 on CPU; LoRA-wrapped when `model.lora` is set.
 
     With `zero3_config` (the run's DeepSpeed config, ZeRO stage 3) the model is built inside DeepSpeed's `zero.Init`:
     every parameter is partitioned as it is created (and `from_pretrained` loads weights shard by shard), so no rank
     ever holds the whole model, which is what lets a model larger than one GPU's (or one rank's share of host) memory
-    start at all.
+    start at all. A built-in family with `model.path` starts from those weights; `pretrained=False` (a resume, whose
+    checkpoint overwrites every weight) builds it from its config without reading the folder.
     """
     import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if model.type != "hf" and model.path and pretrained:
+            # Loaded whole on each rank, outside zero.Init: GPT-2's position table may need cutting, which a
+            # partitioned tensor does not allow (the built-in families' checkpoints are a few GB at most).
+            net = _load_pretrained(model)
+        else:
+            with _zero3_init(zero3_config):
+                net = _load_hf(model.path) if model.type == "hf" else _build(model, zero3=zero3_config is not None)
+        if model.lora is not None:
+            net = _with_lora(net, model.lora)
+    net.train()
+    return net
+
+
+def _build(model, *, zero3: bool):
     import transformers
 
+    config = model_config(model)
+    if zero3:
+        # from_config, not the class: under ZeRO-3 it builds inside zero.Init and then initialises each module's
+        # gathered weights on rank 0 (the class's own init would write into empty shards).
+        from transformers.integrations import deepspeed as hf_deepspeed
+
+        if not hasattr(hf_deepspeed, "initialize_weights_zero3"):
+            raise HpcdsError(
+                f"ZeRO-3 builds of {model.type} models need a newer transformers (this is {transformers.__version__}: "
+                "it cannot initialise partitioned weights)\nhint: pip install -U transformers, or use ZeRO 0-2"
+            )
+        return transformers.AutoModelForCausalLM.from_config(config)
     classes = {
         "mamba": transformers.MambaForCausalLM,
         "mamba2": transformers.Mamba2ForCausalLM,
         "gpt2": transformers.GPT2LMHeadModel,
     }
-    with torch.random.fork_rng(devices=[]), _zero3_init(zero3_config):
-        torch.manual_seed(seed)
-        if model.type == "hf":
-            net = _load_hf(model.path)
-        elif model.path:
-            net = _load_pretrained(model)
-        elif zero3_config is not None:
-            # from_config, not the class: under ZeRO-3 it builds inside zero.Init and then initialises each module's
-            # gathered weights on rank 0 (the class's own init would write into empty shards).
-            net = transformers.AutoModelForCausalLM.from_config(model_config(model))
-        else:
-            net = classes[model.type](model_config(model))
-        if model.lora is not None:
-            net = _with_lora(net, model.lora)
-    net.train()
-    return net
+    return classes[model.type](config)
 
 
 @contextlib.contextmanager
@@ -176,14 +191,26 @@ def _local_config(path: str):
 SHAPE_FIELDS = {
     "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner"),
     "mamba": ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel", "expand"),
-    "mamba2": ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel", "expand", "head_dim"),
+    "mamba2": (
+        *("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel", "expand"),
+        *("head_dim", "num_heads", "n_groups"),
+    ),
 }
+
+
+def _shape_value(config, key: str):
+    if key == "n_inner":  # GPT-2 writes null for the default MLP width
+        return config.n_inner or 4 * config.n_embd
+    return getattr(config, key, None)
 
 
 def _load_pretrained(model):
     """A mamba / mamba2 / gpt2 spec started from the pretrained weights in `model.path` (a local folder or a name in
     the local Hugging Face cache). The spec's config is used (no dropout, the CPU kernels), so its shape must be the
-    folder's; a difference is an error rather than a model that silently is not the one the spec describes."""
+    folder's; a difference is an error rather than a model that silently is not the one the spec describes. GPT-2's
+    position table is cut to model.max_seq_len rows, so the model is exactly the spec's (as export and the planner
+    assume)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     wanted, found = model_config(model), _local_config(model.path)
@@ -193,11 +220,11 @@ def _load_pretrained(model):
             f"\nhint: set model.type to match, or use model.type: hf for any Hugging Face causal LM"
         )
     differ = [
-        f"{key}: spec {getattr(wanted, key)}, folder {getattr(found, key, None)}"
+        f"{key}: spec {_shape_value(wanted, key)}, folder {_shape_value(found, key)}"
         for key in SHAPE_FIELDS[model.type]
-        if getattr(found, key, None) != getattr(wanted, key)
+        if _shape_value(found, key) != _shape_value(wanted, key)
     ]
-    if model.type == "gpt2":  # the position table keeps the folder's size, which must cover the sequence
+    if model.type == "gpt2":
         wanted.n_positions = found.n_positions
         if found.n_positions < model.max_seq_len:
             differ.append(f"n_positions: folder {found.n_positions}, below model.max_seq_len {model.max_seq_len}")
@@ -206,7 +233,12 @@ def _load_pretrained(model):
             f"model.path {model.path!r} does not have the spec's shape ({'; '.join(differ)})"
             "\nhint: set the model fields (or the preset) to the folder's config.json"
         )
-    return AutoModelForCausalLM.from_pretrained(model.path, config=wanted, local_files_only=True, dtype="float32")
+    net = AutoModelForCausalLM.from_pretrained(model.path, config=wanted, local_files_only=True, dtype="float32")
+    if model.type == "gpt2" and found.n_positions > model.max_seq_len:
+        rows = net.transformer.wpe.weight.detach()[: model.max_seq_len].clone()
+        net.transformer.wpe = torch.nn.Embedding.from_pretrained(rows, freeze=False)
+        net.config.n_positions = model.max_seq_len
+    return net
 
 
 def _load_hf(path: str):
