@@ -183,6 +183,7 @@ def test_loss_is_the_mean_over_targets_and_zero_without_any():
     from hpcds.train.models import build_model
 
     model = build_model(ModelSpec(type="gpt2", d_model=16, n_layer=1, n_head=2, vocab_size=32, max_seq_len=8), seed=0)
+
     class Engine:  # what loss_of uses of a DeepSpeed engine: its device, and calling it
         device = "cpu"
 
