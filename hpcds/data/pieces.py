@@ -3,11 +3,12 @@ split, the SFT loss mask and the meta.json record. No I/O here.
 
 A piece is the unit of tokenizing and of the train/validation split: a ~64 KB run of paragraphs from a text file, or
 one JSONL record. A text piece is `(text,)`; an SFT piece is `(prompt, response)`, whose loss mask is 0 on the prompt
-and 1 on the response and its end-of-text token. A chat piece is a conversation rendered by the tokenizer's chat
-template and cut into spans, each with its own mask: 1 on an assistant turn (its content and the end-of-turn tokens
-that close it), 0 on the rest; the template's own markup separates conversations, so no end-of-text is appended.
-Pieces go to validation evenly spread (every 1/F-th piece), so a validation split samples the whole input rather than
-its tail.
+and 1 on the response and its end-of-text token. A chat piece is `(conversation,)`, rendered by the tokenizer's chat
+template, with the character spans of its assistant turns (each answer and the end-of-turn text that closes it) as
+targets; the template's own markup separates conversations, so no end-of-text is appended. SFT and chat records are
+tokenized whole, as the model reads them at inference, where the tokenizer reports offsets (hf:): a token is a target
+when it holds a character of a target span. Pieces go to validation evenly spread (every 1/F-th piece), so a
+validation split samples the whole input rather than its tail.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ PIECE_CHARS = 64 * 1024
 
 @dataclass(frozen=True)
 class Piece:
-    texts: tuple[str, ...]  # (text,) or (prompt, response), or a chat's spans
+    texts: tuple[str, ...]  # (text,) or (prompt, response), or (a rendered conversation,)
     ends_document: bool  # the last piece of a document: end-of-text follows it (chats: the template ends it)
     origin: str = ""  # "file:line" for messages
-    targets: tuple[bool, ...] | None = None  # chat pieces: whether each span is trained on
+    targets: tuple[tuple[int, int], ...] | None = None  # chat pieces: [start, end) characters trained on
 
 
 def is_val_piece(index: int, val_fraction: float) -> bool:
@@ -97,7 +98,7 @@ def piece_from_record(
 
 
 def chat_piece(record: dict, origin: str, field: str, render_chat: Callable[[list[dict], bool], str]) -> Piece:
-    """A conversation, rendered whole by the chat template, cut into spans at its assistant turns.
+    """A conversation, rendered whole by the chat template, with the character spans of its assistant turns.
 
     Assistant message i starts where render(messages[:i], add_generation_prompt=True) ends, which must be a prefix
     of the whole rendering. Its turn, as the template writes it when it is the last message, is what
@@ -121,8 +122,8 @@ def chat_piece(record: dict, origin: str, field: str, render_chat: Callable[[lis
         )
 
     whole = render(len(messages), False)
-    spans: list[tuple[str, bool]] = []
-    done = 0  # characters of `whole` covered by spans so far
+    spans: list[tuple[int, int]] = []
+    done = 0  # where the previous assistant turn ends
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -142,13 +143,10 @@ def chat_piece(record: dict, origin: str, field: str, render_chat: Callable[[lis
             end = len(head) + len(short)  # an earlier turn written shorter: its content and end-of-turn
         else:
             raise unstable(f"message {i} is written differently once later messages follow")
-        spans += [(whole[done : len(head)], False), (whole[len(head) : end], True)]
+        spans.append((len(head), end))
         done = end
-    spans.append((whole[done:], False))  # turns after the last answer: read, not trained on
-    kept = [(text, target) for text, target in spans if text]
-    return Piece(
-        tuple(t for t, _ in kept), ends_document=True, origin=origin, targets=tuple(target for _, target in kept)
-    )
+    # Text outside the spans (system and user turns, headers, turns after the last answer) is read, not trained on.
+    return Piece((whole,), ends_document=True, origin=origin, targets=tuple(spans))
 
 
 def check_messages(record: dict, origin: str, field: str) -> list[dict]:
@@ -181,30 +179,62 @@ def check_messages(record: dict, origin: str, field: str) -> list[dict]:
     return messages
 
 
-def encode_group(encode, eot_id: int, items: list[tuple[Piece, bool, bool]], dtype: str, with_mask: bool) -> dict:
+def target_mask(offsets: np.ndarray, spans: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """1 for each token (character span [start, end) in `offsets`, shape (n, 2)) that holds a character of a target
+    span, else 0. A token straddling a span's edge (byte-level BPE merges the newline that ends Qwen's
+    `assistant\n` with an answer's leading newline) is a target, so no character of an answer goes untrained."""
+    starts = offsets[:, 0]
+    ends = np.maximum(offsets[:, 1], starts + 1)  # a zero-width token counts as the character it sits at
+    mask = np.zeros(len(offsets), dtype=bool)
+    for span_start, span_end in spans:
+        mask |= (starts < span_end) & (ends > span_start)
+    return mask.astype(np.uint8)
+
+
+def encode_group(
+    encode, eot_id: int, items: list[tuple[Piece, bool, bool]], dtype: str, with_mask: bool, encode_offsets=None
+) -> dict:
     """Tokenize consecutive pieces and lay them out per split, ready to append to the files.
 
-    `encode(texts) -> list of uint32 arrays`; each item is (piece, goes to val, starts a document). Returns
+    `encode(texts) -> list of uint32 arrays`; `encode_offsets(texts) -> list of (ids, (n, 2) character spans)`, or
+    None for tokenizers that report no offsets (tiktoken, bytes). With offsets, an SFT record is encoded as
+    prompt + response whole and a chat as its rendering whole, and the mask comes from the spans; without, prompt and
+    response are encoded separately and joined. Each item is (piece, goes to val, starts a document). Returns
     {split: (token ids as `dtype`, loss mask or None, document starts relative to this group)} for splits present.
     """
-    encoded = encode([text for piece, _, _ in items for text in piece.texts])
+
+    def whole(piece: Piece) -> bool:
+        return piece.targets is not None or (len(piece.texts) == 2 and encode_offsets is not None)
+
+    if encode_offsets is None and any(piece.targets is not None for piece, _, _ in items):
+        raise HpcdsError("chat data needs a tokenizer that reports offsets\nhint: --tokenizer hf:FOLDER")
+    plain_texts = [text for piece, _, _ in items if not whole(piece) for text in piece.texts]
+    whole_texts = ["".join(piece.texts) for piece, _, _ in items if whole(piece)]
+    plain = iter(encode(plain_texts) if plain_texts else [])
+    wholes = iter(encode_offsets(whole_texts) if whole_texts else [])
     out: dict[str, tuple[list, list, list, int]] = {}
-    position = 0
     for piece, to_val, starts_document in items:
-        parts = encoded[position : position + len(piece.texts)]
-        position += len(piece.texts)
-        if piece.ends_document and piece.targets is None:
-            parts = [*parts, np.array([eot_id], dtype=np.uint32)]
-        tokens = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if whole(piece):
+            tokens, offsets = next(wholes)
+            spans = piece.targets
+            if spans is None:  # an SFT record: its target is the response, which ends the joined text
+                spans = ((len(piece.texts[0]), len(piece.texts[0]) + len(piece.texts[1])),)
+            mask = target_mask(offsets, spans) if with_mask else None
+        else:
+            parts = [next(plain) for _ in piece.texts]
+            tokens = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            mask = None
+            if with_mask:
+                mask = np.ones(len(tokens), dtype=np.uint8)
+                mask[: len(parts[0])] = 0  # the prompt: read, never predicted
+        if piece.ends_document and piece.targets is None:  # end-of-text: a target, so the model learns to stop
+            tokens = np.concatenate([tokens, np.array([eot_id], dtype=np.uint32)])
+            mask = None if mask is None else np.concatenate([mask, np.ones(1, dtype=np.uint8)])
         chunks, masks, starts, length = out.get("val" if to_val else "train", ([], [], [], 0))
         if starts_document:
             starts.append(length)
         chunks.append(tokens)
-        if with_mask and piece.targets is not None:
-            masks.append(np.repeat(np.array(piece.targets, dtype=np.uint8), [len(p) for p in parts]))
-        elif with_mask:
-            mask = np.ones(len(tokens), dtype=np.uint8)
-            mask[: len(parts[0])] = 0  # the prompt: read, never predicted; the response and end-of-text are targets
+        if with_mask:
             masks.append(mask)
         out["val" if to_val else "train"] = (chunks, masks, starts, length + len(tokens))
     return {

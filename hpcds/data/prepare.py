@@ -1,6 +1,6 @@
 """`hpcds data prepare`: read text or JSONL files, tokenize them on every core, and stream the ids into memmaps.
 JSONL records are text, prompt/response pairs, or chat conversations, which the parent renders with the tokenizer's
-chat template (hpcds/data/pieces.py cuts them into trained and untrained spans) before the workers tokenize them.
+chat template (hpcds/data/pieces.py finds the character spans of their answers) before the workers tokenize them.
 
 Output folder: `train.bin` / `val.bin` (token ids, dtype by vocabulary size), `train.idx.bin` / `val.idx.bin`
 (uint64 offsets where documents start), for SFT data `train.mask.bin` / `val.mask.bin` (uint8, 1 where the token is
@@ -149,9 +149,20 @@ def _start_worker(tokenizer_source: str) -> None:
         _worker_tokenizer = get_tokenizer(tokenizer_source)
 
 
+def _encode(tokenizer: Tokenizer, items, dtype: str, with_mask: bool) -> dict:
+    """encode_group on this process's one thread."""
+    return encode_group(
+        lambda texts: tokenizer.encode_batch(texts, 1),
+        tokenizer.eot_id,
+        items,
+        dtype,
+        with_mask,
+        encode_offsets=tokenizer.encode_offsets,
+    )
+
+
 def _encode_in_worker(items, dtype: str, with_mask: bool) -> dict:
-    tokenizer = _worker_tokenizer
-    return encode_group(lambda texts: tokenizer.encode_batch(texts, 1), tokenizer.eot_id, items, dtype, with_mask)
+    return _encode(_worker_tokenizer, items, dtype, with_mask)
 
 
 class _Split:
@@ -182,9 +193,7 @@ def _encoded_groups(groups, tokenizer: Tokenizer, workers: int, dtype: str, with
     """encode_group over `groups`, in order; on `workers` processes when that pays, with a bounded queue."""
     if workers <= 1 or tokenizer.encoding is None:  # bytes need no tokenizer work worth a process
         for items in groups:
-            yield encode_group(
-                lambda texts: tokenizer.encode_batch(texts, 1), tokenizer.eot_id, items, dtype, with_mask
-            )
+            yield _encode(tokenizer, items, dtype, with_mask)
         return
     global _worker_tokenizer
     _worker_tokenizer = tokenizer

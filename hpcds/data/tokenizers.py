@@ -67,6 +67,9 @@ class Tokenizer:
     source: str = ""  # what get_tokenizer was given (a worker process rebuilds the tokenizer from it)
     # Hugging Face tokenizers with a chat template: render_chat(messages, add_generation_prompt) -> text.
     render_chat: Callable[[list[dict], bool], str] | None = None
+    # Tokenizers that report where each token came from (hf:): encode_offsets(texts) -> [(ids, (n, 2) character
+    # start/end of each token)], on the calling thread. SFT masks come from these spans (hpcds/data/pieces.py).
+    encode_offsets: Callable[[list[str]], list[tuple[np.ndarray, np.ndarray]]] | None = None
 
 
 def canonical_name(name: str) -> str:
@@ -115,7 +118,7 @@ def get_tokenizer(name: str) -> Tokenizer:
 def tokenizer_name(name: str) -> str:
     """The name meta.json records for tokenizer `name`, without building the tokenizer: equal names, equal ids."""
     if name.startswith(HF_PREFIX):
-        return hf_fingerprint(_hf_folder(name[len(HF_PREFIX) :]) / "tokenizer.json")
+        return hf_fingerprint(_hf_folder(name[len(HF_PREFIX) :]))
     return canonical_name(name)
 
 
@@ -233,17 +236,50 @@ def _hf_folder(given: str) -> Path:
     return folder.resolve()
 
 
-def hf_fingerprint(tokenizer_json: Path) -> str:
-    """`hf:` + a hash of the vocabulary, merges, special tokens and splitting rules: two copies of one tokenizer (even
-    with other key order, indentation, or truncation and padding settings) get one name, so their data may mix."""
+def hf_fingerprint(folder: Path) -> str:
+    """`hf:` + a hash of the vocabulary, merges, special tokens and splitting rules, and of the end-of-text token and
+    its id: two copies of one tokenizer (even with other key order, indentation, or truncation and padding settings)
+    get one name, so their data may mix; one tokenizer.json with another eos_token (a base model's <|endoftext|>, its
+    chat model's <|im_end|>) separates documents differently and gets another."""
+    tokenizer_json = folder / "tokenizer.json"
     try:
         content = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise HpcdsError(f"cannot read {tokenizer_json}: {exc}") from None
     for key in HF_SETTINGS:
         content.pop(key, None)
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    eos = _hf_specials(folder).get("eos_token")
+    canonical = json.dumps(
+        {"tokenizer": content, "eos_token": eos, "eos_id": _json_token_id(content, eos)},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
     return HF_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _json_token_id(content: dict, token: str | None) -> int | None:
+    """The id tokenizer.json gives `token` (an added token, else a vocabulary entry), read without loading it."""
+    for added in content.get("added_tokens") or []:
+        if isinstance(added, dict) and added.get("content") == token:
+            return added.get("id")
+    vocab = (content.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        return vocab.get(token)
+    if isinstance(vocab, list):  # Unigram: [[piece, score], ...], the id is the position
+        return next((i for i, entry in enumerate(vocab) if entry and entry[0] == token), None)
+    return None
+
+
+def _hf_specials(folder: Path) -> dict[str, str]:
+    """The folder's bos/eos/unk/pad tokens: tokenizer_config.json's, else special_tokens_map.json's."""
+    config = _read_json(folder / "tokenizer_config.json")
+    special_map = _read_json(folder / "special_tokens_map.json")
+    return {
+        key: text
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+        if (text := _token_text(config.get(key)) or _token_text(special_map.get(key))) is not None
+    }
 
 
 def _token_text(value) -> str | None:
@@ -289,12 +325,7 @@ def _from_hf_folder(given: str) -> Tokenizer:
     backend.no_padding()
     backend.encode_special_tokens = False
     config = _read_json(folder / "tokenizer_config.json")
-    special_map = _read_json(folder / "special_tokens_map.json")
-    specials = {
-        key: text
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token")
-        if (text := _token_text(config.get(key)) or _token_text(special_map.get(key))) is not None
-    }
+    specials = _hf_specials(folder)
     eos = specials.get("eos_token")
     eot_id = backend.token_to_id(eos) if eos else None
     if eot_id is None:
@@ -308,7 +339,8 @@ def _from_hf_folder(given: str) -> Tokenizer:
     encode_fast = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets: faster
 
     def encode_batch(texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
-        # add_special_tokens=False: no BOS/EOS per piece; pieces concatenate to the ids of the whole text.
+        # add_special_tokens=False: no BOS/EOS per piece. Text pieces are cut at blank lines, where the ids of the
+        # pieces join to those of the whole text; SFT and chat records are encoded whole by encode_offsets.
         if num_threads > 1:  # the Rust thread pool, on every core
             encodings = encode_fast(texts, add_special_tokens=False)
         else:  # one thread (a worker process, or a trainer next to torch's threads)
@@ -316,13 +348,21 @@ def _from_hf_folder(given: str) -> Tokenizer:
                 encodings = encode_fast(texts, add_special_tokens=False)
         return [np.array(e.ids, dtype=np.uint32) for e in encodings]
 
+    def encode_offsets(texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        # Each text whole, as the model reads it at inference; the offsets (character spans) place the loss mask.
+        with _hf_serial():
+            encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [
+            (np.array(e.ids, dtype=np.uint32), np.array(e.offsets, dtype=np.int64).reshape(-1, 2)) for e in encodings
+        ]
+
     def decode(ids: list[int]) -> str:
         return backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
     template = _hf_chat_template(folder, config)
     render_chat = None if template is None else _chat_renderer(template, specials, folder)
     return Tokenizer(
-        name=hf_fingerprint(folder / "tokenizer.json"),
+        name=hf_fingerprint(folder),
         vocab_size=vocab_size,
         eot_id=eot_id,
         encode_batch=encode_batch,
@@ -330,6 +370,7 @@ def _from_hf_folder(given: str) -> Tokenizer:
         encoding=backend,
         source=HF_PREFIX + str(folder),
         render_chat=render_chat,
+        encode_offsets=encode_offsets,
     )
 
 
