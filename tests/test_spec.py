@@ -212,7 +212,7 @@ def test_spec_reference_is_current_and_complete():
         if os.environ.get("HPCDS_ACCEPT") == "1":
             doc_path.write_text(head + begin + marker_line + "\n" + expected + end + tail)
         else:
-            pytest.fail("docs/spec.md is out of date with hpcds/spec.py: rerun with HPCDS_ACCEPT=1 to regenerate")
+            pytest.fail("docs/spec.md is out of date with the spec models: rerun with HPCDS_ACCEPT=1 to regenerate")
     for key, field in spec_fields():
         assert f"`{key}`" in text, f"spec field {key} is not documented in docs/spec.md"
         assert field.description, f"spec field {key} has no description"

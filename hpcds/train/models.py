@@ -217,7 +217,7 @@ def _load_pretrained(model):
     if found.model_type != wanted.model_type:
         raise HpcdsError(
             f"model.path {model.path!r} holds a {found.model_type} model, not {wanted.model_type}"
-            f"\nhint: set model.type to match, or use model.type: hf for any Hugging Face causal LM"
+            "\nhint: set model.type to match, or use model.type: hf for any Hugging Face causal LM"
         )
     differ = [
         f"{key}: spec {_shape_value(wanted, key)}, folder {_shape_value(found, key)}"
