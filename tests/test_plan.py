@@ -388,3 +388,165 @@ def test_plan_reads_gemma3s_text_config_and_rejects_a_bad_shape(tmp_path):
     unknown = _hf_folder(tmp_path, {**QWEN3_CONFIG, "model_type": "phi3"})
     notes = json.loads(CliRunner().invoke(cli, ["plan", str(unknown), "--json"]).output)["notes"]
     assert any("model_type 'phi3'" in note and "Llama blocks" in note for note in notes)
+
+
+# config.json as transformers writes it: only the values that differ from the config class's defaults (transformers 4's
+# to_diff_dict; 5 writes every field). google/gemma-3-4b-it's file, written by transformers 4.50, gives the text model
+# neither vocab_size (262208), num_attention_heads (8), num_key_value_heads (4) nor head_dim (256).
+GEMMA3_4B_CONFIG = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "boi_token_index": 255999,
+    "eoi_token_index": 256000,
+    "eos_token_id": [1, 106],
+    "image_token_index": 262144,
+    "initializer_range": 0.02,
+    "mm_tokens_per_image": 256,
+    "model_type": "gemma3",
+    "text_config": {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+    },
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.50.0.dev0",
+    "vision_config": {
+        "hidden_size": 1152,
+        "image_size": 896,
+        "intermediate_size": 4304,
+        "model_type": "siglip_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "patch_size": 14,
+        "vision_use_head": False,
+    },
+}
+
+
+def _save_diff(config, folder, omitted: tuple[str, ...]) -> dict:
+    """save_pretrained, then drop what equals the class's defaults (as transformers 4 writes it); returns the file."""
+    config.save_pretrained(folder)
+    path = folder / "config.json"
+    written = json.loads(path.read_text())
+    nested = "text_config" in written
+    text, cls = (written["text_config"], type(config.text_config)) if nested else (written, type(config))
+    defaults = cls().to_dict()
+    for key in [k for k in text if k != "model_type" and text[k] == defaults.get(k)]:
+        del text[key]
+    path.write_text(json.dumps(written, indent=2))
+    assert not set(omitted) & set(text), "the file must omit the fields left at their defaults"
+    return written
+
+
+def _built_count(folder) -> int:
+    """Parameters of the model transformers builds from the folder (meta device); Gemma 3: its text model."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    text = config.text_config if config.model_type == "gemma3" else config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(text)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _planned(folder, spec_lines: str = "") -> dict:
+    spec_path = folder / "job.yaml"
+    spec_path.write_text(f"name: x\nmodel:\n  type: hf\n  path: {folder}\n{spec_lines}")
+    result = CliRunner().invoke(cli, ["plan", str(spec_path), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_gemma3_4b_config_as_published_plans_the_real_count(tmp_path):
+    """The text model of Gemma 3 4B: 3.88B with transformers' defaults, not 3.34B with vocab 50,257 and 8 kv heads."""
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA3_4B_CONFIG))
+    data = _planned(tmp_path)
+    assert data["params"] == _built_count(tmp_path) == 3_880_263_168
+    notes = " | ".join(data["notes"])
+    assert "transformers' defaults for model_type 'gemma3_text'" in notes
+    assert "model.vocab_size 262208" in notes and "model.n_kv_head 4" in notes and "model.attn_head_dim 256" in notes
+    assert "model.d_model" in next(note for note in data["notes"] if note.startswith("read from"))
+    # the spec still wins, and the note names the default it overrides
+    kept = _planned(tmp_path, "  vocab_size: 300000\n")
+    assert kept["params"] == 3_880_263_168 + (300000 - 262208) * 2560
+    assert any("model.vocab_size is 300000 in the spec, 262208 in transformers' default" in n for n in kept["notes"])
+
+
+def _transformers_configs():
+    transformers = pytest.importorskip("transformers")
+    small = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96}
+    return [  # (config, the fields it leaves at their defaults)
+        (transformers.Qwen3Config(**small), ("vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim")),
+        (
+            transformers.Qwen3Config(**small, num_attention_heads=4, num_key_value_heads=2, vocab_size=300),
+            ("head_dim",),
+        ),
+        # Llama's None defaults (n_kv_head = n_head, head_dim = width / heads) are resolved before writing: kept
+        (transformers.LlamaConfig(**small, num_attention_heads=4), ("vocab_size", "tie_word_embeddings")),
+        (transformers.MistralConfig(**small, num_attention_heads=16, vocab_size=300), ("num_key_value_heads",)),
+        (transformers.Qwen2Config(**small), ("vocab_size", "num_attention_heads", "num_key_value_heads")),
+        (
+            transformers.Gemma3Config(text_config={**small, "num_attention_heads": 4}),
+            ("vocab_size", "num_key_value_heads", "head_dim", "tie_word_embeddings"),
+        ),
+        (transformers.Gemma3TextConfig(**small, num_attention_heads=4, vocab_size=300), ("num_key_value_heads",)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_config_json_written_by_transformers_plans_what_transformers_builds(tmp_path, case):
+    config, omitted = _transformers_configs()[case]
+    _save_diff(config, tmp_path, omitted)
+    data = _planned(tmp_path)
+    assert data["params"] == _built_count(tmp_path)
+    assert any("transformers' defaults for model_type" in note for note in data["notes"])
+
+
+def test_defaults_table_equals_the_transformers_config_classes():
+    """The planner keeps transformers' defaults in a table (its config code imports torch); they must agree."""
+    from transformers import AutoConfig
+
+    from hpcds.cli.plan_cmd import _HF_DEFAULTS, hf_config_defaults
+
+    for model_type in _HF_DEFAULTS:
+        defaults = hf_config_defaults(model_type)
+        fresh = AutoConfig.for_model(model_type)
+        other = AutoConfig.for_model(model_type, hidden_size=96, num_attention_heads=32)
+        for key, value in defaults.items():
+            if value is None:  # derived from the heads and width, as the planner derives an unset field
+                derived = 32 if key == "num_key_value_heads" else 96 // 32
+                assert getattr(other, key, derived) == derived, (model_type, key)
+            else:
+                assert getattr(fresh, key) == value, (model_type, key)
+    assert hf_config_defaults("phi3") is None
+
+
+def test_fields_nobody_gives_are_named_in_the_notes(tmp_path):
+    config = {"model_type": "phi3", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    notes = " | ".join(_planned(tmp_path)["notes"])
+    assert (
+        "gives no model.n_head, model.n_kv_head, model.attn_head_dim, model.vocab_size, model.tie_embeddings" in notes
+    )
+    assert "no transformers defaults for model_type 'phi3'" in notes and "the spec default 50257" in notes
+    llama = {**config, "model_type": "llama", "num_attention_heads": 4}
+    (tmp_path / "config.json").write_text(json.dumps(llama))
+    notes = " | ".join(_planned(tmp_path)["notes"])
+    assert "model.vocab_size 32000" in notes and "model.n_kv_head = n_head" in notes
+
+
+def test_plan_with_a_local_folder_stays_light(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA3_4B_CONFIG))
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(f"name: x\nmodel:\n  type: hf\n  path: {tmp_path}\n")
+    code = (
+        "import sys; from hpcds.cli import main\n"
+        f"try: main(['plan', {str(spec_path)!r}, '--json'])\n"
+        "except SystemExit as exc: assert not exc.code, exc.code\n"
+        "heavy = [m for m in ('torch', 'deepspeed', 'transformers', 'wandb') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
