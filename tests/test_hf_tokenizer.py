@@ -1,5 +1,6 @@
-"""`hf:FOLDER` tokenizers and chat SFT data, on real tokenizer folders: a byte-level BPE trained here with the
-`tokenizers` library and saved by transformers' `save_pretrained`, exactly as a model's folder holds it."""
+"""`hf:FOLDER` tokenizers and chat SFT data, on real tokenizer folders: a byte-level BPE (as GPT-2's and Qwen's) and a
+SentencePiece-style Metaspace BPE (as Mistral's and Llama-2's) trained here with the `tokenizers` library and saved by
+transformers' `save_pretrained`, exactly as a model's folder holds it."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pytest
 
 from hpcds.cli import main
 from hpcds.data.builtin import builtin_folder
+from hpcds.data.pieces import target_mask
 from hpcds.data.prepare import prepare_files
-from hpcds.data.tokenizers import get_tokenizer
+from hpcds.data.tokenizers import get_tokenizer, tokenizer_name
 from hpcds.errors import HpcdsError
 from hpcds.spec import DataSpec
 from hpcds.train.data import IGNORE_INDEX, open_data
@@ -55,6 +57,11 @@ QWEN3 = (
     "{{- '<|im_end|>\\n' }}"
     "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# Mistral's instruct format: the answer follows [/INST] with no space, and its </s> closes the turn.
+MISTRAL = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
 )
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -96,11 +103,32 @@ def save_tokenizer(folder: Path, vocab_size: int, eos: str, chat_template: str |
     return folder
 
 
+def save_metaspace_tokenizer(folder: Path) -> Path:
+    """A SentencePiece-style BPE (Metaspace: a space becomes ▁, and the text's first word gets one too) with Mistral's
+    special tokens and chat template, saved as a model folder does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    # prepend_scheme="first", as Mistral's and Llama's tokenizer.json have it: only the text's first word gets a ▁,
+    # not the text after a special token such as [/INST].
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator([*CORPUS, "Four. Blue.\nTwo plus two is four.\n"] * 5, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    wrapped.chat_template = MISTRAL
+    wrapped.save_pretrained(str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tokenizers_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hf")
     save_tokenizer(root / "chat", 340, "<|im_end|>", CHATML)
     save_tokenizer(root / "plain", 330, "<|endoftext|>", None)
+    save_metaspace_tokenizer(root / "mistral")
     for name, template in (("unstable", UNSTABLE), ("qwen3", QWEN3)):
         shutil.copytree(root / "chat", root / name)
         (root / name / "chat_template.jinja").write_text(template)
@@ -198,6 +226,32 @@ def test_copies_of_one_tokenizer_mix_and_another_is_refused(tmp_path, tokenizers
     assert builtin_folder("stdlib-docs", f"hf:{copy}", tmp_path).name.startswith(f"stdlib-docs-hf-{fingerprint}-py")
 
 
+def test_one_tokenizer_json_with_another_eos_token_is_another_tokenizer(tmp_path, tokenizers_dir):
+    # Qwen3's base and chat folders share tokenizer.json; the base ends documents with <|endoftext|>, the chat model
+    # with <|im_end|>. Their data must not mix, nor their builtin corpora share a folder.
+    base = tmp_path / "base"
+    shutil.copytree(tokenizers_dir / "chat", base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|endoftext|>"
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    chat, other = get_tokenizer(f"hf:{tokenizers_dir / 'chat'}"), get_tokenizer(f"hf:{base}")
+    assert (base / "tokenizer.json").read_bytes() == (tokenizers_dir / "chat/tokenizer.json").read_bytes()
+    assert chat.eot_id != other.eot_id and chat.name != other.name
+    assert tokenizer_name(f"hf:{base}") == other.name and tokenizer_name(f"hf:{tokenizers_dir / 'chat'}") == chat.name
+    assert builtin_folder("stdlib-docs", f"hf:{base}", tmp_path) != builtin_folder(
+        "stdlib-docs", f"hf:{tokenizers_dir / 'chat'}", tmp_path
+    )
+    (tmp_path / "a.txt").write_text(CORPUS[0])
+    for name, folder in (("A", tokenizers_dir / "chat"), ("B", base)):
+        prepare_files([tmp_path / "a.txt"], tmp_path / name, tokenizer=f"hf:{folder}", val_fraction=0)
+    with pytest.raises(HpcdsError, match="different tokenizers"):
+        open_data(DataSpec(train=[str(tmp_path / "A"), str(tmp_path / "B")]), 4, 0, tmp_path)
+    # The eos token named in special_tokens_map.json alone (no tokenizer_config.json entry) counts the same.
+    (base / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "eos_token"}))
+    (base / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    assert get_tokenizer(f"hf:{base}").name == chat.name
+
+
 def test_chat_mask_covers_every_assistant_turn_and_its_end_of_turn(tmp_path, tokenizers_dir):
     records = [{"messages": CHAT}, {"messages": [*CHAT[1:3], {"role": "user", "content": "Thanks."}]}]
     path = write_jsonl(tmp_path / "chat.jsonl", records)
@@ -218,6 +272,9 @@ def test_chat_mask_covers_every_assistant_turn_and_its_end_of_turn(tmp_path, tok
     )
     # The template's text, nothing appended: its end-of-turn closes the conversation, the next one starts with BOS.
     assert tok.decode(tokens.tolist()) == first + second
+    # Each conversation is encoded whole, as the model reads it at inference.
+    whole = [tok.encoding.encode(text, add_special_tokens=False).ids for text in (first, second)]
+    assert tokens.tolist() == whole[0] + whole[1]
     assert tokens.tolist().count(tok.encoding.token_to_id("<s>")) == 2  # the template's BOS, one per conversation
     answers = [tok.decode(run) for run in runs(tokens, mask == 1)]
     assert answers == ["Four.<|im_end|>\n", "Blue.<|im_end|>\n", "Four.<|im_end|>\n"]
@@ -272,6 +329,63 @@ def test_qwen3_style_template_trains_every_answer_as_the_whole_conversation_writ
         text = tok.decode(tokens[first:stop].tolist())
         assert text.startswith(history + prefix) and "2 + 2 = 4" not in text
         assert [tok.decode(run) for run in runs(tokens[first:stop], mask[first:stop] == 1)] == answers
+
+
+def test_sentencepiece_style_chat_is_encoded_as_the_model_reads_it(tmp_path, tokenizers_dir):
+    from tokenizers import Tokenizer
+
+    folder = tokenizers_dir / "mistral"
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    chats = [
+        CHAT[1:],
+        [CHAT[1], {"role": "assistant", "content": "Two plus two is four."}, {"role": "user", "content": "Blue?"}],
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in chats])
+    prepare_files([path], tmp_path / "out", tokenizer=f"hf:{folder}", messages_field="messages", val_fraction=0)
+    tokens, mask = read(tmp_path / "out")
+    rendered = [
+        "<s>[INST] What is two plus two? [/INST]Four.</s>[INST] Name a colour. [/INST]Blue.</s>",
+        "<s>[INST] What is two plus two? [/INST]Two plus two is four.</s>[INST] Blue? [/INST]",
+    ]
+    whole = [backend.encode(text, add_special_tokens=False) for text in rendered]
+    assert tokens.tolist() == whole[0].ids + whole[1].ids
+    # An answer encoded on its own would start with ▁ (the first word of a text gets one): not how the model reads it.
+    assert backend.encode("Four.</s>", add_special_tokens=False).tokens == ["▁Four.", "</s>"]
+    assert whole[0].tokens[whole[0].tokens.index("[/INST]") + 1] == "Four."
+    tok = get_tokenizer(f"hf:{folder}")
+    answers = [tok.decode(run) for run in runs(tokens, mask == 1)]
+    assert answers == ["Four.</s>", "Blue.</s>", "Two plus two is four.</s>"]
+
+
+def test_prompt_response_pairs_are_encoded_whole_with_hf_tokenizers(tmp_path, tokenizers_dir):
+    from tokenizers import Tokenizer
+
+    folder = tokenizers_dir / "mistral"
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    pairs = [("What is two plus two?\n", "Four."), ("Name a colour.\n", "Blue is a colour.")]
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"q": q, "a": a} for q, a in pairs])
+    prepare_files([path], tmp_path / "out", tokenizer=f"hf:{folder}", prompt_field="q", response_field="a",
+                  val_fraction=0, num_threads=2)  # fmt: skip
+    tokens, mask = read(tmp_path / "out")
+    tok = get_tokenizer(f"hf:{folder}")
+    expected = []
+    for prompt, response in pairs:
+        expected += [*backend.encode(prompt + response, add_special_tokens=False).ids, tok.eot_id]
+        # Encoded alone, the response's first word would get a ▁ (a space) that the joined text does not have.
+        whole = backend.encode(prompt + response, add_special_tokens=False)
+        first = whole.tokens[[start >= len(prompt) for start, _ in whole.offsets].index(True)]
+        assert backend.encode(response, add_special_tokens=False).tokens[0].startswith("▁")
+        assert not first.startswith("▁")
+    assert tokens.tolist() == expected
+    assert [tok.decode(run) for run in runs(tokens, mask == 1)] == ["Four.</s>", "Blue is a colour.</s>"]
+    assert [tok.decode(run) for run in runs(tokens, mask == 0)] == [prompt for prompt, _ in pairs]
+
+
+def test_target_mask_takes_every_token_that_holds_an_answer_character():
+    # (start, end) character spans as tokenizers reports them; the answer is characters 10..15.
+    offsets = np.array([[0, 9], [9, 11], [11, 15], [15, 16], [16, 16]], dtype=np.int64)
+    assert target_mask(offsets, ((10, 15),)).tolist() == [0, 1, 1, 0, 0]  # the token straddling 10 is trained
+    assert target_mask(offsets, ((0, 9), (16, 17))).tolist() == [1, 0, 0, 0, 1]  # a zero-width token at 16
 
 
 @pytest.mark.parametrize(
