@@ -69,6 +69,11 @@ CORPUS = [
     "Name a colour. Blue is a colour, and so is red.",
     "You are a helpful assistant. Answer briefly.",
 ]
+# Qwen2/Qwen3's pre-tokenizer regex: a run of newlines (with the spaces before it) is one word.
+QWEN_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+    r"""\s+(?!\S)|\s+"""
+)
 CHAT = [
     {"role": "system", "content": "Answer briefly."},
     {"role": "user", "content": "What is two plus two?"},
@@ -78,13 +83,23 @@ CHAT = [
 ]
 
 
-def save_tokenizer(folder: Path, vocab_size: int, eos: str, chat_template: str | None) -> Path:
-    """Train a byte-level BPE on CORPUS and save it as a model folder does (tokenizer.json, tokenizer_config.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def save_tokenizer(
+    folder: Path, vocab_size: int, eos: str, chat_template: str | None, corpus: list[str] = CORPUS, split: str = ""
+) -> Path:
+    """Train a byte-level BPE on `corpus` and save it as a model folder does (tokenizer.json, tokenizer_config.json).
+    `split`: a regex that cuts text into words first, as Qwen's tokenizer.json has (else GPT-2's)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -92,7 +107,7 @@ def save_tokenizer(folder: Path, vocab_size: int, eos: str, chat_template: str |
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(CORPUS * 5, trainer)
+    backend.train_from_iterator(corpus * 5, trainer)
     # A BOS added to every encode() by default, as Llama's and Gemma's tokenizers do: pieces must not get it.
     bos_id = backend.token_to_id("<s>")
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
@@ -129,6 +144,7 @@ def tokenizers_dir(tmp_path_factory) -> Path:
     save_tokenizer(root / "chat", 340, "<|im_end|>", CHATML)
     save_tokenizer(root / "plain", 330, "<|endoftext|>", None)
     save_metaspace_tokenizer(root / "mistral")
+    save_tokenizer(root / "qwen", 340, "<|im_end|>", CHATML, [*CORPUS, *["Four\n\nBlue\n\nred"] * 20], QWEN_SPLIT)
     for name, template in (("unstable", UNSTABLE), ("qwen3", QWEN3)):
         shutil.copytree(root / "chat", root / name)
         (root / name / "chat_template.jinja").write_text(template)
@@ -355,6 +371,23 @@ def test_sentencepiece_style_chat_is_encoded_as_the_model_reads_it(tmp_path, tok
     tok = get_tokenizer(f"hf:{folder}")
     answers = [tok.decode(run) for run in runs(tokens, mask == 1)]
     assert answers == ["Four.</s>", "Blue.</s>", "Two plus two is four.</s>"]
+
+
+def test_a_token_straddling_the_start_of_an_answer_is_a_target(tmp_path, tokenizers_dir):
+    from tokenizers import Tokenizer
+
+    # With Qwen's splitting, the newline that ends `assistant\n` and an answer's leading newline are one token.
+    folder = tokenizers_dir / "qwen"
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    chat = [CHAT[1], {"role": "assistant", "content": "\nFour."}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat}])
+    prepare_files([path], tmp_path / "out", tokenizer=f"hf:{folder}", messages_field="messages", val_fraction=0)
+    tokens, mask = read(tmp_path / "out")
+    rendered = "<s><|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n\nFour.<|im_end|>\n"
+    whole = backend.encode(rendered, add_special_tokens=False)
+    assert tokens.tolist() == whole.ids and "ĊĊ" in whole.tokens  # ĊĊ: the two newlines, byte-level
+    tok = get_tokenizer(f"hf:{folder}")
+    assert [tok.decode(run) for run in runs(tokens, mask == 1)] == ["\n\nFour.<|im_end|>\n"]
 
 
 def test_prompt_response_pairs_are_encoded_whole_with_hf_tokenizers(tmp_path, tokenizers_dir):

@@ -249,12 +249,8 @@ def hf_fingerprint(folder: Path) -> str:
     for key in HF_SETTINGS:
         content.pop(key, None)
     eos = _hf_specials(folder).get("eos_token")
-    canonical = json.dumps(
-        {"tokenizer": content, "eos_token": eos, "eos_id": _json_token_id(content, eos)},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    named = {"tokenizer": content, "eos_token": eos, "eos_id": _json_token_id(content, eos)}
+    canonical = json.dumps(named, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return HF_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -263,12 +259,10 @@ def _json_token_id(content: dict, token: str | None) -> int | None:
     for added in content.get("added_tokens") or []:
         if isinstance(added, dict) and added.get("content") == token:
             return added.get("id")
-    vocab = (content.get("model") or {}).get("vocab")
-    if isinstance(vocab, dict):
-        return vocab.get(token)
+    vocab = (content.get("model") or {}).get("vocab") or {}
     if isinstance(vocab, list):  # Unigram: [[piece, score], ...], the id is the position
-        return next((i for i, entry in enumerate(vocab) if entry and entry[0] == token), None)
-    return None
+        vocab = {entry[0]: i for i, entry in enumerate(vocab) if entry}
+    return vocab.get(token)
 
 
 def _hf_specials(folder: Path) -> dict[str, str]:
