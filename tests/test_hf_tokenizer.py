@@ -144,6 +144,9 @@ def tokenizers_dir(tmp_path_factory) -> Path:
     save_tokenizer(root / "chat", 340, "<|im_end|>", CHATML)
     save_tokenizer(root / "plain", 330, "<|endoftext|>", None)
     save_metaspace_tokenizer(root / "mistral")
+    # GPT-2's splitting makes "\n\n" one word at the end of a text and two inside one: with its merge ĊĊ, a text cut
+    # after a blank line no longer encodes as the whole does.
+    save_tokenizer(root / "gpt2", 340, "<|endoftext|>", None, [*CORPUS, *["Blue.\n\n"] * 20])
     save_tokenizer(root / "qwen", 340, "<|im_end|>", CHATML, [*CORPUS, *["Four\n\nBlue\n\nred"] * 20], QWEN_SPLIT)
     for name, template in (("unstable", UNSTABLE), ("qwen3", QWEN3)):
         shutil.copytree(root / "chat", root / name)
@@ -208,6 +211,28 @@ def test_pieces_get_no_special_tokens_and_join_like_the_whole(tmp_path, tokenize
     tokens, _ = read(tmp_path / "out")
     assert bos_id not in tokens.tolist()
     assert tokens.tolist() == [*backend.encode(text, add_special_tokens=False).ids, tok.eot_id]
+
+
+@pytest.mark.parametrize("folder", ["mistral", "gpt2"])
+@pytest.mark.parametrize("layout", ["paragraphs", "one line"])
+def test_text_pieces_of_tokenizers_that_start_texts_differently_join_like_the_whole(
+    tmp_path, tokenizers_dir, folder, layout
+):
+    from tokenizers import Tokenizer
+
+    tokenizer = f"hf:{tokenizers_dir / folder}"
+    assert not get_tokenizer(tokenizer).pieces_join  # a Metaspace ▁ or GPT-2's ĊĊ at a piece's edge
+    assert get_tokenizer(f"hf:{tokenizers_dir / 'qwen'}").pieces_join  # Qwen's splitting keeps "\n\n" whole
+    if layout == "paragraphs":
+        text = "\n\n".join(f"Two plus two is four. Blue is a colour, day {i}." for i in range(6000)) + "\n"
+    else:  # no line break at all: pieces are cut anywhere, even inside a word
+        text = "The quick brown fox jumps over the lazy dog. " * 7000
+    assert len(text) > 4 * 64 * 1024  # several pieces
+    (tmp_path / "long.txt").write_text(text)
+    prepare_files([tmp_path / "long.txt"], tmp_path / "out", tokenizer=tokenizer, val_fraction=0, num_threads=2)
+    backend = Tokenizer.from_file(str(tokenizers_dir / folder / "tokenizer.json"))
+    tokens, _ = read(tmp_path / "out")
+    assert tokens.tolist() == [*backend.encode(text, add_special_tokens=False).ids, get_tokenizer(tokenizer).eot_id]
 
 
 def test_copies_of_one_tokenizer_mix_and_another_is_refused(tmp_path, tokenizers_dir):

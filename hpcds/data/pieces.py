@@ -2,13 +2,15 @@
 split, the SFT loss mask and the meta.json record. No I/O here.
 
 A piece is the unit of tokenizing and of the train/validation split: a ~64 KB run of paragraphs from a text file, or
-one JSONL record. A text piece is `(text,)`; an SFT piece is `(prompt, response)`, whose loss mask is 0 on the prompt
-and 1 on the response and its end-of-text token. A chat piece is `(conversation,)`, rendered by the tokenizer's chat
-template, with the character spans of its assistant turns (each answer and the end-of-turn text that closes it) as
-targets; the template's own markup separates conversations, so no end-of-text is appended. SFT and chat records are
-tokenized whole, as the model reads them at inference, where the tokenizer reports offsets (hf:): a token is a target
-when it holds a character of a target span. Pieces go to validation evenly spread (every 1/F-th piece), so a
-validation split samples the whole input rather than its tail.
+one JSONL record. A text piece is `(text,)`; an SFT piece is `(prompt, response)`, whose loss mask is 0 on the
+prompt and 1 on the response and its end-of-text token. A chat piece is `(conversation,)`, rendered by the
+tokenizer's chat template, with the character spans of its assistant turns (each answer and the end-of-turn text
+that closes it) as targets; the template's own markup separates conversations, so no end-of-text is appended. SFT
+and chat records are tokenized whole, as the model reads them at inference, where the tokenizer reports offsets
+(hf:): a token is a target when it holds a character of a target span. A text piece that carries the text around it
+(for SentencePiece-style tokenizers, which start every text they encode with a ▁) is encoded with it and keeps the
+tokens that start in it. Pieces go to validation evenly spread (every 1/F-th piece), so a validation split samples
+the whole input rather than its tail.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class Piece:
     ends_document: bool  # the last piece of a document: end-of-text follows it (chats: the template ends it)
     origin: str = ""  # "file:line" for messages
     targets: tuple[tuple[int, int], ...] | None = None  # chat pieces: [start, end) characters trained on
+    # Text pieces, for tokenizers whose pieces would not join to the whole text's ids: the text of the document just
+    # before and after the piece, encoded with it so that the tokens at its edges are those of the whole text.
+    context: tuple[str, str] = ("", "")
 
 
 def is_val_piece(index: int, val_fraction: float) -> bool:
@@ -204,22 +209,29 @@ def encode_group(
     """
 
     def whole(piece: Piece) -> bool:
-        return piece.targets is not None or (len(piece.texts) == 2 and encode_offsets is not None)
+        return encode_offsets is not None and (
+            piece.targets is not None or len(piece.texts) == 2 or piece.context != ("", "")
+        )
 
     if encode_offsets is None and any(piece.targets is not None for piece, _, _ in items):
         raise HpcdsError("chat data needs a tokenizer that reports offsets\nhint: --tokenizer hf:FOLDER")
     plain_texts = [text for piece, _, _ in items if not whole(piece) for text in piece.texts]
-    whole_texts = ["".join(piece.texts) for piece, _, _ in items if whole(piece)]
+    whole_texts = [piece.context[0] + "".join(piece.texts) + piece.context[1] for piece, _, _ in items if whole(piece)]
     plain = iter(encode(plain_texts) if plain_texts else [])
     wholes = iter(encode_offsets(whole_texts) if whole_texts else [])
     out: dict[str, tuple[list, list, list, int]] = {}
     for piece, to_val, starts_document in items:
         if whole(piece):
             tokens, offsets = next(wholes)
-            spans = piece.targets
-            if spans is None:  # an SFT record: its target is the response, which ends the joined text
-                spans = ((len(piece.texts[0]), len(piece.texts[0]) + len(piece.texts[1])),)
-            mask = target_mask(offsets, spans) if with_mask else None
+            if len(piece.texts) == 1 and piece.targets is None:  # a text piece amid its context
+                left = len(piece.context[0])
+                tokens = tokens[(offsets[:, 0] >= left) & (offsets[:, 0] < left + len(piece.texts[0]))]
+                mask = np.zeros(len(tokens), dtype=np.uint8) if with_mask else None
+            else:
+                spans = piece.targets
+                if spans is None:  # an SFT record: its target is the response, which ends the joined text
+                    spans = ((len(piece.texts[0]), len(piece.texts[0]) + len(piece.texts[1])),)
+                mask = target_mask(offsets, spans) if with_mask else None
         else:
             parts = [next(plain) for _ in piece.texts]
             tokens = np.concatenate(parts) if len(parts) > 1 else parts[0]

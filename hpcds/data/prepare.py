@@ -33,6 +33,9 @@ from hpcds.errors import HpcdsError
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 GROUP_CHARS = 1024 * 1024  # text per worker task: large enough that task overhead vanishes
 READ_CHARS = 1024 * 1024
+# Text read on each side of a piece for tokenizers whose pieces do not join (SentencePiece-style): far more than a
+# token spans, so the tokens at the piece's edges are those of the whole text.
+CONTEXT_CHARS = 1024
 
 
 def cpu_count() -> int:
@@ -72,7 +75,9 @@ def iter_pieces(
     response_field: str | None = None,
     messages_field: str | None = None,
     render_chat: Callable[[list[dict], bool], str] | None = None,
+    context_chars: int = 0,
 ) -> Iterator[Piece]:
+    """The pieces of `files`; text pieces carry `context_chars` of the text on each side (see Piece.context)."""
     if bool(prompt_field) != bool(response_field):
         raise HpcdsError("SFT data needs both --prompt-field and --response-field")
     fields = (text_field, prompt_field, response_field, messages_field, render_chat)
@@ -87,7 +92,7 @@ def iter_pieces(
                     f"one object per line\nhint: drop {flags} for plain text"
                 )
             else:
-                yield from _text_pieces(path)
+                yield from _text_pieces(path, context_chars)
         except OSError as exc:
             raise HpcdsError(f"cannot read {path}: {exc.strerror or exc}") from None
         except UnicodeDecodeError as exc:
@@ -103,9 +108,11 @@ def _jsonl_pieces(path: Path, *fields):
                 yield piece_from_record(line, f"{path}:{number}", *fields)
 
 
-def _text_pieces(path: Path) -> Iterator[Piece]:
-    # Hold one piece back: only at end of file do we know which piece carries the end-of-text token.
+def _text_pieces(path: Path, context_chars: int = 0) -> Iterator[Piece]:
+    # Hold one piece back: only at end of file do we know which piece carries the end-of-text token, and only with the
+    # next piece read do we know the text after it.
     pending: str | None = None
+    before = ""  # the end of the piece before `pending`
     rest = ""
     with path.open(encoding="utf-8", newline="") as handle:
         while True:
@@ -113,12 +120,14 @@ def _text_pieces(path: Path) -> Iterator[Piece]:
             chunks, rest = split_paragraphs(rest + data, final=not data)
             for chunk in chunks:
                 if pending is not None:
-                    yield Piece((pending,), ends_document=False, origin=str(path))
+                    context = (before, chunk[:context_chars]) if context_chars else ("", "")
+                    yield Piece((pending,), ends_document=False, origin=str(path), context=context)
+                    before = pending[-context_chars:] if context_chars else ""
                 pending = chunk
             if not data:
                 break
     if pending is not None:
-        yield Piece((pending,), ends_document=True, origin=str(path))
+        yield Piece((pending,), ends_document=True, origin=str(path), context=(before, ""))
 
 
 def _groups(pieces: Iterable[Piece], val_fraction: float) -> Iterator[list[tuple[Piece, bool, bool]]]:
@@ -345,8 +354,9 @@ def prepare_files(
             "and chat_template.jinja when the template is kept there)"
         )
     fields = (text_field or "text", prompt_field, response_field, messages_field, encoder.render_chat)
+    context_chars = 0 if encoder.pieces_join else CONTEXT_CHARS
     return write_dataset(
-        iter_pieces(files, *fields),
+        iter_pieces(files, *fields, context_chars=context_chars),
         Path(out_dir),
         encoder,
         val_fraction=val_fraction,

@@ -70,6 +70,9 @@ class Tokenizer:
     # Tokenizers that report where each token came from (hf:): encode_offsets(texts) -> [(ids, (n, 2) character
     # start/end of each token)], on the calling thread. SFT masks come from these spans (hpcds/data/pieces.py).
     encode_offsets: Callable[[list[str]], list[tuple[np.ndarray, np.ndarray]]] | None = None
+    # Whether text cut after a blank line encodes to the ids of the whole text: not for SentencePiece-style tokenizers,
+    # which start every text with a ▁ (their pieces are encoded with the text around them, by encode_offsets).
+    pieces_join: bool = True
 
 
 def canonical_name(name: str) -> str:
@@ -353,6 +356,9 @@ def _from_hf_folder(given: str) -> Tokenizer:
     def decode(ids: list[int]) -> str:
         return backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    # Text pieces are cut after blank lines: does such a cut change the ids (a SentencePiece ▁ before "Two")?
+    first, second, joined = encode_batch(["Two words.\n\n", "Two more.\n", "Two words.\n\nTwo more.\n"])
+    pieces_join = np.array_equal(np.concatenate([first, second]), joined)
     template = _hf_chat_template(folder, config)
     render_chat = None if template is None else _chat_renderer(template, specials, folder)
     return Tokenizer(
@@ -365,6 +371,7 @@ def _from_hf_folder(given: str) -> Tokenizer:
         source=HF_PREFIX + str(folder),
         render_chat=render_chat,
         encode_offsets=encode_offsets,
+        pieces_join=pieces_join,
     )
 
 
