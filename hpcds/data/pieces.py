@@ -203,8 +203,9 @@ def encode_group(
 
     `encode(texts) -> list of uint32 arrays`; `encode_offsets(texts) -> list of (ids, (n, 2) character spans)`, or
     None for tokenizers that report no offsets (tiktoken, bytes). With offsets, an SFT record is encoded as
-    prompt + response whole and a chat as its rendering whole, and the mask comes from the spans; without, prompt and
-    response are encoded separately and joined. Each item is (piece, goes to val, starts a document). Returns
+    prompt + response whole and a chat as its rendering whole, and the mask comes from the spans; a text piece with
+    context is encoded amid it and keeps the tokens that start in the piece. Without offsets, prompt and response are
+    encoded separately and joined. Each item is (piece, goes to val, starts a document). Returns
     {split: (token ids as `dtype`, loss mask or None, document starts relative to this group)} for splits present.
     """
 
