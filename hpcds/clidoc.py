@@ -26,8 +26,11 @@ def iter_commands(group: click.Group, prefix: str = "hpcds") -> list[tuple[str, 
 
 def render_cli_reference(group: click.Group) -> str:
     sections = []
+    # The group's settings (`-h` beside `--help`) reach every command as `hpcds COMMAND -h` would have them; click also
+    # caches each command's help option, so a context without them would make the text depend on what ran first.
+    settings = {**group.context_settings, "terminal_width": 110, "max_content_width": 110}
     for full, command in iter_commands(group):
-        ctx = click.Context(command, info_name=full, terminal_width=110, max_content_width=110)
+        ctx = click.Context(command, info_name=full, **settings)
         help_text = command.get_help(ctx)
         sections.append(f"### `{full}`\n\n```\n{help_text}\n```\n")
     return "\n".join(sections)
