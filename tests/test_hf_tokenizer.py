@@ -213,16 +213,16 @@ def test_pieces_get_no_special_tokens_and_join_like_the_whole(tmp_path, tokenize
     assert tokens.tolist() == [*backend.encode(text, add_special_tokens=False).ids, tok.eot_id]
 
 
-@pytest.mark.parametrize("folder", ["mistral", "gpt2"])
+@pytest.mark.parametrize("folder", ["mistral", "gpt2", "qwen"])
 @pytest.mark.parametrize("layout", ["paragraphs", "one line"])
 def test_text_pieces_of_tokenizers_that_start_texts_differently_join_like_the_whole(
     tmp_path, tokenizers_dir, folder, layout
 ):
+    # A Metaspace ▁ at a piece's start, GPT-2's ĊĊ at its end, or (Qwen's splitting) a merge across a cut inside a
+    # line would each change the ids if pieces were encoded alone.
     from tokenizers import Tokenizer
 
     tokenizer = f"hf:{tokenizers_dir / folder}"
-    assert not get_tokenizer(tokenizer).pieces_join  # a Metaspace ▁ or GPT-2's ĊĊ at a piece's edge
-    assert get_tokenizer(f"hf:{tokenizers_dir / 'qwen'}").pieces_join  # Qwen's splitting keeps "\n\n" whole
     if layout == "paragraphs":
         text = "\n\n".join(f"Two plus two is four. Blue is a colour, day {i}." for i in range(6000)) + "\n"
     else:  # no line break at all: pieces are cut anywhere, even inside a word
@@ -556,3 +556,22 @@ def test_hf_prepare_does_not_import_torch(tmp_path, tokenizers_dir):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "NO-TRANSFORMERS" in result.stdout and result.stdout.strip().endswith("LIGHT")
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["[]", '{"model": "x"}', '{"added_tokens": 5, "model": {"vocab": {}}}', '{"model": {"vocab": [1, 2]}}'],
+)
+def test_a_malformed_tokenizer_json_is_an_error_not_a_traceback(tmp_path, tokenizers_dir, content):
+    folder = tmp_path / "broken"
+    shutil.copytree(tokenizers_dir / "chat", folder)
+    (folder / "tokenizer.json").write_text(content)
+    # Naming hashes the file without loading it: a name, or (not even a JSON object) an error; loading says what is
+    # wrong. Never a traceback.
+    if content == "[]":
+        with pytest.raises(HpcdsError, match="not a tokenizer"):
+            tokenizer_name(f"hf:{folder}")
+    else:
+        assert tokenizer_name(f"hf:{folder}").startswith("hf:")
+    with pytest.raises(HpcdsError, match="tokenizer"):
+        get_tokenizer(f"hf:{folder}")

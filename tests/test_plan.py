@@ -514,10 +514,11 @@ def test_defaults_table_equals_the_transformers_config_classes():
     for model_type in _HF_DEFAULTS:
         defaults = hf_config_defaults(model_type)
         fresh = auto_config.for_model(model_type)
-        other = auto_config.for_model(model_type, hidden_size=96, num_attention_heads=32)
+        # 4 heads, not a class's own default of 32: a fixed default must not pass for one derived from the heads.
+        other = auto_config.for_model(model_type, hidden_size=96, num_attention_heads=4)
         for key, value in defaults.items():
             if value is None:  # derived from the heads and width, as the planner derives an unset field
-                derived = 32 if key == "num_key_value_heads" else 96 // 32
+                derived = 4 if key == "num_key_value_heads" else 96 // 4
                 assert getattr(other, key, derived) == derived, (model_type, key)
             else:
                 assert getattr(fresh, key) == value, (model_type, key)

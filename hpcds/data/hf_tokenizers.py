@@ -53,6 +53,9 @@ def hf_fingerprint(folder: Path) -> str:
         content = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise HpcdsError(f"cannot read {tokenizer_json}: {exc}") from None
+    if not isinstance(content, dict):
+        found = type(content).__name__
+        raise HpcdsError(f"{tokenizer_json} is not a tokenizer (a JSON object expected, found {found})")
     for key in HF_SETTINGS:
         content.pop(key, None)
     eos = _hf_specials(folder).get("eos_token")
@@ -63,13 +66,16 @@ def hf_fingerprint(folder: Path) -> str:
 
 def _json_token_id(content: dict, token: str | None) -> int | None:
     """The id tokenizer.json gives `token` (an added token, else a vocabulary entry), read without loading it."""
-    for added in content.get("added_tokens") or []:
+    # A malformed file gives None here; loading it (from_hf_folder) then says what is wrong.
+    added_tokens = content.get("added_tokens")
+    for added in added_tokens if isinstance(added_tokens, list) else []:
         if isinstance(added, dict) and added.get("content") == token:
             return added.get("id")
-    vocab = (content.get("model") or {}).get("vocab") or {}
+    model = content.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
     if isinstance(vocab, list):  # Unigram: [[piece, score], ...], the id is the position
-        vocab = {entry[0]: i for i, entry in enumerate(vocab) if entry}
-    return vocab.get(token)
+        vocab = {entry[0]: i for i, entry in enumerate(vocab) if isinstance(entry, list) and entry}
+    return vocab.get(token) if isinstance(vocab, dict) else None
 
 
 def _hf_specials(folder: Path) -> dict[str, str]:
@@ -140,8 +146,8 @@ def from_hf_folder(given: str) -> Tokenizer:
     encode_fast = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets: faster
 
     def encode_batch(texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
-        # add_special_tokens=False: no BOS/EOS per piece. Text pieces are cut at blank lines, where the ids of the
-        # pieces join to those of the whole text; SFT and chat records are encoded whole by encode_offsets.
+        # add_special_tokens=False: no BOS/EOS per piece. Text pieces, SFT and chat records go through
+        # encode_offsets instead (with their context, or whole), so that their ids are those of the whole text.
         if num_threads > 1:  # the Rust thread pool, on every core
             encodings = encode_fast(texts, add_special_tokens=False)
         else:  # one thread (a worker process, or a trainer next to torch's threads)
@@ -160,9 +166,6 @@ def from_hf_folder(given: str) -> Tokenizer:
     def decode(ids: list[int]) -> str:
         return backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    # Text pieces are cut after blank lines: does such a cut change the ids (a SentencePiece ▁ before "Two")?
-    first, second, joined = encode_batch(["Two words.\n\n", "Two more.\n", "Two words.\n\nTwo more.\n"])
-    pieces_join = np.array_equal(np.concatenate([first, second]), joined)
     template = _hf_chat_template(folder, config)
     render_chat = None if template is None else _chat_renderer(template, specials, folder)
     return Tokenizer(
@@ -175,7 +178,6 @@ def from_hf_folder(given: str) -> Tokenizer:
         source=HF_PREFIX + str(folder),
         render_chat=render_chat,
         encode_offsets=encode_offsets,
-        pieces_join=pieces_join,
     )
 
 

@@ -354,7 +354,7 @@ def prepare_files(
             "and chat_template.jinja when the template is kept there)"
         )
     fields = (text_field or "text", prompt_field, response_field, messages_field, encoder.render_chat)
-    context_chars = 0 if encoder.pieces_join else CONTEXT_CHARS
+    context_chars = 0 if encoder.encode_offsets is None else CONTEXT_CHARS  # hf: pieces read in context
     return write_dataset(
         iter_pieces(files, *fields, context_chars=context_chars),
         Path(out_dir),

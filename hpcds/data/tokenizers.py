@@ -63,11 +63,10 @@ class Tokenizer:
     # Hugging Face tokenizers with a chat template: render_chat(messages, add_generation_prompt) -> text.
     render_chat: Callable[[list[dict], bool], str] | None = None
     # Tokenizers that report where each token came from (hf:): encode_offsets(texts) -> [(ids, (n, 2) character
-    # start/end of each token)], on the calling thread. SFT masks come from these spans (hpcds/data/pieces.py).
+    # start/end of each token)], on the calling thread. SFT masks come from these spans, and text pieces are encoded
+    # with the text around them through it: joined pieces differ from the whole (a SentencePiece ▁ at each piece's
+    # start, a merge across the cut) for such tokenizers, while tiktoken's and the bytes' join exactly at blank lines.
     encode_offsets: Callable[[list[str]], list[tuple[np.ndarray, np.ndarray]]] | None = None
-    # Whether text cut after a blank line encodes to the ids of the whole text: not for SentencePiece-style tokenizers,
-    # which start every text with a ▁ (their pieces are encoded with the text around them, by encode_offsets).
-    pieces_join: bool = True
 
 
 def canonical_name(name: str) -> str:
