@@ -183,12 +183,12 @@ def consolidate(ckpt_dir: Path, tag: str, zero_stage: int, *, exclude_frozen: bo
 def skeleton(model_spec):
     """The trained module's structure with no storage (meta device): filled by `load_state_dict(assign=True)`."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from hpcds.train import models
 
     if model_spec.type == "hf":
-        config = AutoConfig.from_pretrained(model_spec.path, local_files_only=True)
+        config = models._local_config(model_spec.path)  # a clear error when the folder is gone
         models._no_dropout(config)  # as the trainer built it
     else:
         config = models.model_config(model_spec)

@@ -148,11 +148,10 @@ def render_meta_table(folder: Path, meta: dict) -> Table:
 
 
 def meta_summary(meta: dict) -> str:
-    name = meta["tokenizer"]
-    if loadable_name(meta) != name:
-        name += f" ({loadable_name(meta)})"
+    from hpcds.data.pieces import tokenizer_label
+
     lines = [
-        f"{name}: vocabulary {meta['vocab_size']:,}, end-of-text {meta['eot_id']}, "
+        f"{tokenizer_label(meta)}: vocabulary {meta['vocab_size']:,}, end-of-text {meta['eot_id']}, "
         f"{meta['dtype']} ids" + ("; loss mask (SFT)" if meta["has_mask"] else "")
     ]
     if meta.get("prepare_time_s"):

@@ -7,10 +7,10 @@ prompt and 1 on the response and its end-of-text token. A chat piece is `(conver
 tokenizer's chat template, with the character spans of its assistant turns (each answer and the end-of-turn text
 that closes it) as targets; the template's own markup separates conversations, so no end-of-text is appended. SFT
 and chat records are tokenized whole, as the model reads them at inference, where the tokenizer reports offsets
-(hf:): a token is a target when it holds a character of a target span. A text piece that carries the text around it
-(for SentencePiece-style tokenizers, which start every text they encode with a ▁) is encoded with it and keeps the
-tokens that start in it. Pieces go to validation evenly spread (every 1/F-th piece), so a validation split samples
-the whole input rather than its tail.
+(hf:): a token is a target when it holds a character of a target span. For such tokenizers a text piece carries the
+text around it (encoded alone, its edges would differ from the whole text's: a SentencePiece ▁, a merge across the
+cut), is encoded with it and keeps the tokens that start in it. Pieces go to validation evenly spread (every 1/F-th
+piece), so a validation split samples the whole input rather than its tail.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class Piece:
     ends_document: bool  # the last piece of a document: end-of-text follows it (chats: the template ends it)
     origin: str = ""  # "file:line" for messages
     targets: tuple[tuple[int, int], ...] | None = None  # chat pieces: [start, end) characters trained on
-    # Text pieces, for tokenizers whose pieces would not join to the whole text's ids: the text of the document just
-    # before and after the piece, encoded with it so that the tokens at its edges are those of the whole text.
+    # Text pieces, for tokenizers that report offsets (hf:): the text of the document just before and after the piece,
+    # encoded with it so that the tokens at its edges are those of the whole text.
     context: tuple[str, str] = ("", "")
 
 
@@ -289,6 +289,13 @@ def make_meta(
         "val_fraction": val_fraction,
         "inputs": inputs,
     }
+
+
+def tokenizer_label(meta: dict) -> str:
+    """A prepared folder's tokenizer for people: `hf:<hash> (from FOLDER)` for Hugging Face tokenizers, whose
+    vocabulary name alone says little; the name itself for the others."""
+    name, source = meta["tokenizer"], meta.get("tokenizer_source")
+    return f"{name} (from {source})" if source and source != name else name
 
 
 def check_meta(meta: dict, where: str) -> dict:

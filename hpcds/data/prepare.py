@@ -33,8 +33,8 @@ from hpcds.errors import HpcdsError
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 GROUP_CHARS = 1024 * 1024  # text per worker task: large enough that task overhead vanishes
 READ_CHARS = 1024 * 1024
-# Text read on each side of a piece for tokenizers whose pieces do not join (SentencePiece-style): far more than a
-# token spans, so the tokens at the piece's edges are those of the whole text.
+# Text read on each side of a piece for hf: tokenizers (a SentencePiece ▁ or a merge across the cut would otherwise
+# change the ids at a piece's edges): far more than a token spans, so the edges' tokens are those of the whole text.
 CONTEXT_CHARS = 1024
 
 

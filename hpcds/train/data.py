@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcds.data.builtin import prepare_builtin
-from hpcds.data.pieces import check_meta
+from hpcds.data.pieces import check_meta, tokenizer_label
 from hpcds.errors import HpcdsError
 
 BUILTIN_PREFIX = "builtin:"
@@ -86,12 +86,6 @@ def read_meta(folder: Path) -> dict:
         return check_meta(json.loads(meta_path.read_text()), str(folder))
     except json.JSONDecodeError as exc:
         raise HpcdsError(f"{meta_path} is not valid JSON: {exc.msg}") from None
-
-
-def _tokenizer_label(meta: dict) -> str:
-    """`hf:<hash> (from FOLDER)` for Hugging Face tokenizers, whose vocabulary name alone says little."""
-    name, source = meta["tokenizer"], meta.get("tokenizer_source")
-    return f"{name} (from {source})" if source and source != name else name
 
 
 def open_stream(folder: Path, split: str, meta: dict, label: str) -> Stream:
@@ -193,7 +187,7 @@ def open_data(data, seq_len: int, seed: int, cache_dir: Path) -> TrainData:
             metas[ds.path] = read_meta(folders[ds.path])
     tokenizers = {metas[p]["tokenizer"] for p in metas}
     if len(tokenizers) > 1:
-        listing = ", ".join(f"{p}: {_tokenizer_label(metas[p])}" for p in metas)
+        listing = ", ".join(f"{p}: {tokenizer_label(metas[p])}" for p in metas)
         raise HpcdsError(
             f"data sources use different tokenizers ({listing}); their ids cannot be mixed"
             "\nhint: prepare every source with the same --tokenizer (builtin corpora use data.tokenizer)"
