@@ -16,6 +16,7 @@ import copy
 import itertools
 import json
 import random
+import signal
 import stat
 import subprocess
 import typing
@@ -379,6 +380,10 @@ def test_a_node_killed_after_the_trainer_stopped_still_requeues(sandbox):
     assert (rc, records[-1]) == (137, ["scontrol", "requeue", JOB_ID])
     assert [e["event"] for e in events] == ["started", "stopped", "exited", "requeue"]
     assert (events[2]["rc"], events[2]["class"]) == (137, "requeued")
+
+    # Killed by the warning signal itself (128 + USR2, before `hpcds launch` blocked it): requeued as well.
+    rc, records, events, _ = execute(script, sandbox, fake_rc=128 + int(signal.SIGUSR2))
+    assert (events[1]["class"], records[-1]) == ("requeued", ["scontrol", "requeue", JOB_ID])
 
     # The same exit code without the trainer's word in this allocation is a failure, even after an earlier stop.
     rc, records, events, _ = execute(script, sandbox, fake_rc=137, earlier_events=stopped + "\n")
