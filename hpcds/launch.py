@@ -22,11 +22,11 @@ from pathlib import Path
 
 from hpcds import runs
 from hpcds.errors import CommandError, HpcdsError
+from hpcds.facts import SPEC_FILE, WARNING_SIGNUM
+from hpcds.render.hostfile import parse_hostfile, render_hostfile
 
 TRAIN_MODULE = "hpcds.train"
 MASTER_PORT_BASE = 29500
-# Exit code of the trainer (and so of DeepSpeed and `hpcds launch`) meaning "saved at a step boundary, requeue me".
-EXIT_REQUEUE = 75
 
 
 def deepspeed_argv(
@@ -77,28 +77,6 @@ def node_rank_of(hosts: Sequence[str], env: Mapping[str, str]) -> int:
     )
 
 
-def parse_hostfile(text: str) -> dict[str, int]:
-    """Hosts and slots as DeepSpeed's `_parse_hostfile` reads them (`<host> slots=<n>`, # comments). No I/O here."""
-    hosts: dict[str, int] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) < 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit():
-            raise HpcdsError(f"bad hostfile line {raw!r}: expected '<host> slots=<n>'")
-        if parts[0] in hosts:
-            raise HpcdsError(f"hostfile names {parts[0]} twice")
-        hosts[parts[0]] = int(parts[1][6:])
-    return hosts
-
-
-def hostfile_text(hosts: Sequence[str], slots: int) -> str:
-    from hpcds.render import render_hostfile
-
-    return render_hostfile(list(hosts), slots)
-
-
 def check_hostfile(path: Path, hosts: Sequence[str], slots: int) -> None:
     """DeepSpeed silently runs on localhost alone when its hostfile is missing: refuse instead."""
     try:
@@ -123,7 +101,7 @@ def _deepspeed_executable() -> str:
 def _slurm_spec(run_dir: Path):
     from hpcds.spec import load_spec
 
-    return load_spec(Path(run_dir) / runs.SPEC_FILE).slurm
+    return load_spec(Path(run_dir) / SPEC_FILE).slurm
 
 
 def _train_env(base: Mapping[str, str], gpu: bool) -> dict[str, str]:
@@ -151,7 +129,7 @@ def launch_node(run_dir: Path, env: Mapping[str, str] | None = None) -> None:
     spec = _slurm_spec(run_dir)
     gpu = spec.gpus_per_node > 0
     hostfile = run_dir / f"hostfile-{job_id}"
-    runs.write_text_atomic(hostfile, hostfile_text(hosts, spec.ranks))
+    runs.write_text_atomic(hostfile, render_hostfile(list(hosts), spec.ranks))
     check_hostfile(hostfile, hosts, spec.ranks)
     argv = deepspeed_argv(
         run_dir,
@@ -166,7 +144,7 @@ def launch_node(run_dir: Path, env: Mapping[str, str] | None = None) -> None:
     runs.append_event(
         run_dir, "launch", job_id=job_id, restart=restart, host=hosts[node_rank], node_rank=node_rank, argv=argv
     )
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {WARNING_SIGNUM})
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -198,7 +176,7 @@ def launch_local(run_dir: Path, ranks: int) -> int:
         deepspeed=_deepspeed_executable(),
     )
     runs.append_event(run_dir, "launch", job_id=None, restart=0, host=socket.gethostname(), node_rank=0, argv=argv)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {WARNING_SIGNUM})
     try:
         process = subprocess.Popen(argv, env=_train_env(os.environ, gpu))
     except OSError as exc:

@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from hpcds.errors import HpcdsError
-
-SPEC_FILE = "spec.yaml"
-SCRIPT_FILE = "job.sbatch"
-DS_CONFIG_FILE = "ds_config.json"
-META_FILE = "meta.json"
-EVENTS_FILE = "events.jsonl"
-PROGRESS_FILE = "progress.json"
-HEARTBEAT_DIR = "heartbeats"
-CHECKPOINT_DIR = "checkpoints"
+from hpcds.facts import (  # noqa: F401  (the run directory's names, read through this module by its users)
+    CHECKPOINT_DIR,
+    DS_CONFIG_FILE,
+    EVENTS_FILE,
+    HEARTBEAT_DIR,
+    META_FILE,
+    PROGRESS_FILE,
+    SCRIPT_FILE,
+    SPEC_FILE,
+)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hpcds.cli import cli
-from hpcds.clidoc import iter_commands, render_cli_reference
+from hpcds.cli.doc import iter_commands, render_cli_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- BEGIN GENERATED", "<!-- END GENERATED -->"

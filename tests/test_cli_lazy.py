@@ -13,7 +13,7 @@ import click
 import pytest
 
 from hpcds.cli import COMMAND_TABLE, LazyGroup, cli
-from hpcds.clidoc import iter_commands, render_cli_reference
+from hpcds.cli.doc import iter_commands, render_cli_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_MODULES = sorted(f"hpcds.cli.{p.stem}" for p in (ROOT / "hpcds/cli").glob("*_cmd.py"))

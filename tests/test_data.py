@@ -18,7 +18,9 @@ from hpcds.cli import main
 from hpcds.data import builtin
 from hpcds.data.pieces import is_val_piece, split_paragraphs
 from hpcds.data.prepare import prepare_files
-from hpcds.data.tokenizers import R50K_URL, dtype_for_vocab, get_tokenizer
+from hpcds.data.tiktoken_tokenizers import R50K_URL
+from hpcds.data.tokenizer import dtype_for_vocab
+from hpcds.data.tokenizers import get_tokenizer
 from hpcds.errors import HpcdsError
 from hpcds.spec import DataSpec
 from hpcds.train.data import IGNORE_INDEX, open_data, prepare_data

@@ -8,6 +8,7 @@ import pytest
 
 from hpcds import launch
 from hpcds.errors import HpcdsError
+from hpcds.render import parse_hostfile, render_hostfile
 
 
 def test_node_argv_is_accepted_by_deepspeed_runner():
@@ -42,16 +43,16 @@ def test_argv_needs_a_mode():
 
 def test_hostfile_text_matches_deepspeed_parser():
     runner = pytest.importorskip("deepspeed.launcher.runner")
-    text = launch.hostfile_text(["n1", "n2"], 2)
+    text = render_hostfile(["n1", "n2"], 2)
     assert dict(runner._parse_hostfile(text.splitlines())) == {"n1": 2, "n2": 2}
-    assert launch.parse_hostfile(text) == {"n1": 2, "n2": 2}
+    assert parse_hostfile(text) == {"n1": 2, "n2": 2}
 
 
 def test_parse_hostfile_rejects_what_deepspeed_rejects():
-    assert launch.parse_hostfile("# comment\n\nn1 slots=4\n") == {"n1": 4}
+    assert parse_hostfile("# comment\n\nn1 slots=4\n") == {"n1": 4}
     for bad in ("n1\n", "n1 slots=x\n", "n1 slots=1\nn1 slots=1\n"):
         with pytest.raises(HpcdsError):
-            launch.parse_hostfile(bad)
+            parse_hostfile(bad)
 
 
 def test_check_hostfile_refuses_missing_empty_or_mismatched(tmp_path):

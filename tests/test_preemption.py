@@ -207,7 +207,7 @@ def assert_wandb_one_run_no_repeats(run_dir: Path) -> None:
 
 # -- pure parts: no cluster needed -------------------------------------------------------------------------------------
 def test_history_follows_each_allocation_of_the_job():
-    from hpcds.status import history_lines, job_history
+    from hpcds.slurm.status import history_lines, job_history
 
     log = [
         {"time": 0, "event": "started", "job_id": "7", "restart": 0},

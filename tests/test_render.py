@@ -417,7 +417,7 @@ def test_prepare_refuses_a_runs_dir_sbatch_cannot_name(tmp_path):
 def test_checked_in_hostfiles_parse_with_deepspeed():
     from deepspeed.launcher.runner import _parse_hostfile
 
-    from hpcds.launch import parse_hostfile
+    from hpcds.render import parse_hostfile
 
     files = sorted((ROOT / "hostfiles").glob("*.hostfile"))
     assert files, "hostfiles/ should hold an example"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from hpcds import slurm
+from hpcds.durations import parse_slurm_time_s
 
 CAPTURED = Path(__file__).parent / "captured"
 
@@ -51,21 +52,10 @@ def test_sbatch_parsable():
         slurm.parse_sbatch_parsable("sbatch: error: Batch job submission failed\n")
 
 
-def test_scontrol_show_job_failed_and_requeued():
-    (failed,) = slurm.parse_scontrol_show_job(captured("scontrol_show_job_failed.txt"))
-    assert failed["JobState"] == "FAILED" and failed["Reason"] == "NonZeroExitCode"
-    assert slurm.parse_exit_code(failed["ExitCode"]) == (3, 0)
-    assert failed["NodeList"] == "n1" and failed["Restarts"] == "0"
-    (requeued,) = slurm.parse_scontrol_show_job(captured("scontrol_show_job_requeued.txt"))
-    assert (requeued["JobState"], requeued["Reason"], requeued["Restarts"]) == ("PENDING", "BeginTime", "1")
-    assert requeued["NumNodes"] == "2" and requeued["ReqB:S:C:T"] == "0:0:*:*"
-
-
-def test_scontrol_show_job_values_with_spaces():
-    (running,) = slurm.parse_scontrol_show_job(captured("scontrol_show_job_running.txt"))
-    assert running["JobName"] == "quickstart-20261123-113512-a name with spaces"
-    assert running["UserId"] == "root(0)" and running["TimeLimit"] == "1-00:00:00"
-    assert running["StdOut"].endswith(f"slurm-{running['JobId']}.out")
+def test_exit_code_of_sacct_and_scontrol():
+    assert slurm.parse_exit_code("3:0") == (3, 0)
+    assert slurm.parse_exit_code("0:15") == (0, 15)
+    assert slurm.parse_exit_code("") == (None, None)
 
 
 def test_show_config_says_no_accounting():
@@ -98,12 +88,12 @@ def test_hostnames_and_sacct_text():
     ],
 )
 def test_durations(text, seconds):
-    assert slurm.parse_duration_s(text) == seconds
+    assert parse_slurm_time_s(text) == seconds
 
 
-# Status rows: squeue (captured) + the run's event log + progress, merged by the pure hpcds.status.
+# Status rows: squeue (captured) + the run's event log + progress, merged by the pure hpcds.slurm.status.
 
-from hpcds.status import needs_accounting, run_status, state_from_events, table_cells  # noqa: E402
+from hpcds.slurm.status import needs_accounting, run_status, state_from_events, table_cells  # noqa: E402
 
 NOW = 1_795_434_000.0
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hpcds.durations import parse_slurm_time_s
 from hpcds.errors import SpecError
-from hpcds.presets import PRESETS
-from hpcds.spec import load_spec, parse_set, parse_slurm_time_s, validate_spec
-from hpcds.specdoc import render_spec_reference, spec_fields
+from hpcds.spec import load_spec, parse_set, validate_spec
+from hpcds.spec.doc import render_spec_reference, spec_fields
+from hpcds.spec.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 

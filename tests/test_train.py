@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from hpcds import runs
+from hpcds.durations import format_short_duration
 from hpcds.train.logging import NullLogger, choose_mode, redacted_config
 from hpcds.train.preempt import Faults, parse_faults
-from hpcds.train.progress import format_duration, format_step_line, render_banner
+from hpcds.train.progress import format_step_line, render_banner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def test_null_logger_takes_everything_and_says_disabled():
 def test_console_line_and_banner():
     line = format_step_line(50, 200, 2.31412, 2.9e-3, 12345.0, 0.21)
     assert line == "step 50/200 | loss 2.3141 | lr 2.90e-03 | 12.3k tok/s | 0.21 s/step | ETA 31s"
-    assert format_duration(3725) == "1h02m" and format_duration(95) == "1m35s"
+    assert format_short_duration(3725) == "1h02m" and format_short_duration(95) == "1m35s"
     assert render_banner({"world size": "2", "ZeRO": "stage 2"}) == "  world size  2\n  ZeRO        stage 2"
 
 
@@ -173,13 +174,12 @@ def test_sync_says_when_a_run_has_no_offline_logs(tmp_path):
 
 
 def test_loss_is_the_mean_over_targets_and_zero_without_any():
-    import types
 
     import torch
     import torch.nn.functional as F
 
     from hpcds.spec import ModelSpec
-    from hpcds.train.loop import Trainer
+    from hpcds.train.loop import loss_of
     from hpcds.train.models import build_model
 
     model = build_model(ModelSpec(type="gpt2", d_model=16, n_layer=1, n_head=2, vocab_size=32, max_seq_len=8), seed=0)
@@ -190,13 +190,12 @@ def test_loss_is_the_mean_over_targets_and_zero_without_any():
         def __call__(self, **inputs):
             return model(**inputs)
 
-    trainer = types.SimpleNamespace(engine=Engine())
     x = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
     y = x.roll(-1, dims=1)
     y[0, :5] = -100  # an SFT row: prompt positions are not targets
     logits = model(input_ids=x).logits
     expected = F.cross_entropy(logits.reshape(-1, 32), y.reshape(-1), ignore_index=-100)
-    assert torch.allclose(Trainer.loss_of(trainer, x, y), expected)
+    assert torch.allclose(loss_of(Engine(), x, y), expected)
     # A micro-batch whose prompts fill the whole sequence has no target: loss 0 (no gradient), never NaN.
-    nothing = Trainer.loss_of(trainer, x, torch.full_like(y, -100))
+    nothing = loss_of(Engine(), x, torch.full_like(y, -100))
     assert nothing.item() == 0.0 and F.cross_entropy(logits.reshape(-1, 32), torch.full((16,), -100)).isnan()

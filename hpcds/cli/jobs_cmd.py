@@ -21,7 +21,7 @@ from rich.console import Console
 from hpcds import runs, slurm
 from hpcds.cli.common import console, err_console, print_json, runs_root_option, spec_options
 from hpcds.errors import HpcdsError
-from hpcds.status import (
+from hpcds.slurm.status import (
     ACTIVE_STATES,
     StatusRow,
     history_lines,

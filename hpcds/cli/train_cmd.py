@@ -19,8 +19,8 @@ import click
 from hpcds import runs
 from hpcds.cli.common import console, runs_root_option, spec_options
 from hpcds.errors import CommandError, HpcdsError
+from hpcds.facts import EXIT_REQUEUE
 
-EXIT_REQUEUE = 75  # the trainer's "saved at a step boundary, run me again" (hpcds.train.preempt)
 # Trainer events that end a launch, newest wins.
 _ENDINGS = ("finished", "stopped", "error")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcds.data.tokenizers import HF_PREFIX, Tokenizer
+from hpcds.data.tokenizer import HF_PREFIX, Tokenizer
 from hpcds.errors import HpcdsError
 
 # Settings in tokenizer.json that do not change which id a token gets: left out of the fingerprint.

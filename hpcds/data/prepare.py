@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from hpcds.data.pieces import Piece, encode_group, is_val_piece, make_meta, piece_from_record, split_paragraphs
-from hpcds.data.tokenizers import Tokenizer, dtype_for_vocab, get_tokenizer
+from hpcds.data.tokenizer import Tokenizer, dtype_for_vocab
+from hpcds.data.tokenizers import get_tokenizer
 from hpcds.errors import HpcdsError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")

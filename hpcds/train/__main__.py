@@ -1,8 +1,9 @@
 """`python -m hpcds.train --run-dir RUN_DIR`: the per-rank entry point DeepSpeed's launcher starts.
 
 Reads the run directory (`spec.yaml`, `ds_config.json`, `meta.json`), sets up the process group, data, model and
-DeepSpeed engine, prints the banner on rank 0 and hands over to `loop.train`. Exit codes: 0 finished, 75 saved at a
-step boundary after a stop signal ("requeue me"), anything else failed (traceback on stderr and an `error` event).
+DeepSpeed engine, prints the banner on rank 0 and hands over to `loop.train`. Exit codes: 0 finished, EXIT_REQUEUE
+(75) saved at a step boundary after a stop signal ("requeue me"), anything else failed (traceback on stderr and an
+`error` event).
 Started as plain `python` without a launcher's environment it refuses with the command to use instead.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from hpcds import runs
 from hpcds.errors import HpcdsError
+from hpcds.facts import CHECKPOINT_DIR, DS_CONFIG_FILE, META_FILE, SPEC_FILE
 from hpcds.train.preempt import StopFlag
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -40,17 +42,9 @@ def data_cache_dir(run_dir: Path) -> Path:
 
 
 def build_trainer(run_dir: Path, flag: StopFlag):
-    import time
+    from hpcds.train.progress import PhaseTimer
 
-    phases_s: dict[str, float] = {}  # where start-up time goes, reported in the train_start event
-    mark = time.perf_counter()
-
-    def phase(name: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        phases_s[name] = round(now - mark, 3)
-        mark = now
-
+    phase = PhaseTimer()  # where start-up time goes, reported in the train_start event
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -59,7 +53,7 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     from hpcds.train import checkpoint, models
     from hpcds.train import data as data_mod
     from hpcds.train.logging import make_logger
-    from hpcds.train.loop import Trainer, banner
+    from hpcds.train.loop import Settings, Trainer, banner
     from hpcds.train.schedule import lr_for_spec
 
     phase("imports")
@@ -72,13 +66,13 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     deepspeed.init_distributed(dist_backend=backend)
     phase("process_group")
 
-    spec = load_spec(run_dir / runs.SPEC_FILE)
+    spec = load_spec(run_dir / SPEC_FILE)
     if not isinstance(spec.deepspeed.zero_stage, int):
         raise HpcdsError(
-            f"{run_dir / runs.SPEC_FILE}: deepspeed.zero_stage is 'auto'; a run directory pins a stage "
+            f"{run_dir / SPEC_FILE}: deepspeed.zero_stage is 'auto'; a run directory pins a stage "
             "(hpcds submit / hpcds run write it). hint: set deepspeed.zero_stage to 0-3 there"
         )
-    ds_config = json.loads((run_dir / runs.DS_CONFIG_FILE).read_text())
+    ds_config = json.loads((run_dir / DS_CONFIG_FILE).read_text())
     micro = int(ds_config.get("train_micro_batch_size_per_gpu", spec.training.micro_batch_size))
     accum = int(ds_config.get("gradient_accumulation_steps", spec.training.grad_accum_steps))
     # The launcher decides the real world size; DeepSpeed asserts train_batch_size = micro x accum x world.
@@ -96,11 +90,9 @@ def build_trainer(run_dir: Path, flag: StopFlag):
 
     # Verify before building: when a checkpoint will overwrite every weight, skip the random init (minutes on CPU
     # for billions of parameters).
-    ckpt_dir = Path(spec.checkpoint.dir) if spec.checkpoint.dir else run_dir / runs.CHECKPOINT_DIR
-    verify_started = time.perf_counter()
+    ckpt_dir = Path(spec.checkpoint.dir) if spec.checkpoint.dir else run_dir / CHECKPOINT_DIR
     found = checkpoint.find_resumable(ckpt_dir, rank=rank, world=world)
-    phases_s["verify"] = round(time.perf_counter() - verify_started, 3)
-    mark = time.perf_counter()
+    phase("verify")
     # ZeRO-3 builds the model inside zero.Init: each parameter is partitioned as it is created, so no rank ever holds
     # the whole model (a model larger than one GPU could not start otherwise).
     zero3_config = ds_config if spec.deepspeed.zero_stage == 3 else None
@@ -125,23 +117,20 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     _seed_everything(spec.training.seed + rank)
     phase("engine")
 
-    logger = make_logger(run_dir, spec, runs.read_meta(run_dir).get("wandb_id"), rank)
-    trainer = Trainer(
+    wandb_id = runs.read_meta(run_dir).get("wandb_id")
+    settings = Settings(
         run_dir=run_dir,
         spec=spec,
-        engine=engine,
-        data=data,
-        logger=logger,
-        flag=flag,
         rank=rank,
         world=world,
         local_rank=local_rank,
         micro_batch=micro,
         grad_accum=accum,
         ckpt_dir=ckpt_dir,
-        startup_phases_s=phases_s,
-        found=found,
+        wandb_id=wandb_id,
     )
+    logger = make_logger(run_dir, spec, wandb_id, rank)
+    trainer = Trainer(settings, engine, data, logger, flag, found=found, startup_phases_s=phase.phases_s)
     if rank == 0 and found.tag is not None:
         warn_if_versions_changed(run_dir)
     if rank == 0:
@@ -256,15 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        # Nobody leaves before rank 0 has logged the ending: under Slurm the first node to exit 75 gets the others
-        # killed (srun --kill-on-bad-exit), and rank 0 may still be writing its `stopped` event or closing W&B.
+        # Nobody leaves before rank 0 has logged the ending: under Slurm the first node to exit EXIT_REQUEUE gets the
+        # others killed (srun --kill-on-bad-exit), and rank 0 may still be writing its `stopped` event or closing W&B.
         dist.barrier()
         dist.destroy_process_group()
     return code
 
 
 def _record_error(run_dir: Path, message: str, rank: str) -> None:
-    if (run_dir / runs.META_FILE).is_file():
+    if (run_dir / META_FILE).is_file():
         runs.append_event(run_dir, "error", message=message.splitlines()[0][:500], rank=rank)
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpcds.train.progress import PhaseTimer
+
 MANIFEST = "manifest.json"
 COMMITTED = "COMMITTED"
 POINTER = "latest.json"
@@ -212,15 +214,7 @@ def save(
 
     tag = tag_for(step)
     folder = ckpt_dir / tag
-    mark = time.perf_counter()
-    timings_s: dict[str, float] = {}
-
-    def phase(name: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        timings_s[name] = round(now - mark, 3)
-        mark = now
-
+    phase = PhaseTimer()
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if folder.exists():  # leftovers of a save that died at this same step: never mix two saves' files
@@ -248,10 +242,10 @@ def save(
         _write_durable(folder / COMMITTED, f"{time.time():.3f}\n")
         fsync_dir(folder)
         write_json_atomic(ckpt_dir / POINTER, {"tag": tag, "step": step, "time": round(time.time(), 3)})
-    # Nobody leaves before the commit: a rank exiting early (code 75) makes the launcher kill the others.
+    # Nobody leaves before the commit: a rank exiting early (EXIT_REQUEUE) makes the launcher kill the others.
     dist.barrier()
     phase("commit")
-    return {**manifest, "timings_s": timings_s}
+    return {**manifest, "timings_s": phase.phases_s}
 
 
 def apply_retention(ckpt_dir: Path, retained_for: Any) -> list[str]:

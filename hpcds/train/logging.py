@@ -16,10 +16,11 @@ read by wandb itself from its usual places and never written anywhere by hpcds.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
+
+from hpcds.facts import SECRET_NAME, WARNING_SIGNUM
 
 # An online start that cannot reach the server waits this long before falling back to offline files.
 ONLINE_INIT_TIMEOUT_S = 30
@@ -145,14 +146,11 @@ class WandbLogger:
 
 
 def redacted_config(spec_tree: dict[str, Any]) -> dict[str, Any]:
-    """The spec as W&B's run config, with values of secret-looking `slurm.env` names (KEY, TOKEN, SECRET, PASSWORD)
+    """The spec as W&B's run config, with values of secret-looking `slurm.env` names (hpcds.facts.SECRET_NAME)
     replaced: W&B uploads its config, and an API key must never leave the machine that way. No I/O here."""
     tree = {**spec_tree, "slurm": dict(spec_tree.get("slurm") or {})}
     env = tree["slurm"].get("env") or {}
-    tree["slurm"]["env"] = {
-        name: "<redacted>" if re.search(r"KEY|TOKEN|SECRET|PASS", name, re.IGNORECASE) else value
-        for name, value in env.items()
-    }
+    tree["slurm"]["env"] = {name: "<redacted>" if SECRET_NAME.search(name) else value for name, value in env.items()}
     return tree
 
 
@@ -163,7 +161,7 @@ def _init_shielded(wandb, **kwargs):
     it this way (its Go runtime unblocks it), so after a TERM the logger may lose the service and carries on without."""
     import signal
 
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {WARNING_SIGNUM})
     try:
         return wandb.init(**kwargs)
     finally:

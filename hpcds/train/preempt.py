@@ -20,8 +20,9 @@ import os
 import signal
 from dataclasses import dataclass
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: "saved at a step boundary, run me again"
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+from hpcds.facts import WARNING_SIGNUM
+
+STOP_SIGNALS = (WARNING_SIGNUM, signal.SIGTERM, signal.SIGINT)
 
 
 class StopFlag:
@@ -40,7 +41,7 @@ class StopFlag:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
         # Inherited from `hpcds launch`, which blocks it so DeepSpeed's launcher survives Slurm's warning.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {WARNING_SIGNUM})
         return self
 
     def agree(self) -> int:

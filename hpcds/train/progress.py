@@ -1,8 +1,8 @@
 """What the trainer tells people and `hpcds status`: the console line, `progress.json`, and per-node heartbeats.
 
 Rank 0 rewrites `RUN_DIR/progress.json` atomically every log interval; local rank 0 of each node rewrites
-`RUN_DIR/heartbeats/<hostname>.json`, so `hpcds status` can tell a slow node from a hung one. The formatting
-functions are pure; the two writers are thin.
+`RUN_DIR/heartbeats/<hostname>.json`, so `hpcds status` can tell a slow node from a hung one. `PhaseTimer` breaks
+start-up and saves into phases for the events. The formatting functions are pure; the two writers are thin.
 """
 
 from __future__ import annotations
@@ -12,14 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpcds.runs import HEARTBEAT_DIR, PROGRESS_FILE, write_json_atomic
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+from hpcds.durations import format_short_duration
+from hpcds.facts import HEARTBEAT_DIR, PROGRESS_FILE
+from hpcds.runs import write_json_atomic
 
 
 def format_rate(tokens_per_s: float) -> str:
@@ -31,7 +26,7 @@ def format_rate(tokens_per_s: float) -> str:
 
 def format_step_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_s: float, step_time_s: float) -> str:
     """'step 50/200 | loss 2.3141 | lr 2.9e-03 | 12.3k tok/s | 0.21 s/step | ETA 31s'."""
-    eta = format_duration((max_steps - step) * step_time_s)
+    eta = format_short_duration((max_steps - step) * step_time_s)
     return (
         f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {format_rate(tokens_per_s)} tok/s | "
         f"{step_time_s:.2f} s/step | ETA {eta}"
@@ -42,6 +37,19 @@ def render_banner(info: dict[str, Any]) -> str:
     """The startup banner: one 'key: value' line each, in the order given."""
     width = max(len(k) for k in info)
     return "\n".join(f"  {key.ljust(width)}  {value}" for key, value in info.items())
+
+
+class PhaseTimer:
+    """Seconds per named phase, each timed from the end of the one before (start-up and save breakdowns)."""
+
+    def __init__(self) -> None:
+        self.phases_s: dict[str, float] = {}
+        self._mark = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases_s[name] = round(now - self._mark, 3)
+        self._mark = now
 
 
 def write_progress(run_dir: Path, **fields: Any) -> None:

@@ -17,7 +17,7 @@ done
 scontrol requeue "$requeued"
 sbatch --parsable --wrap 'true' >"$here/sbatch_parsable.txt"
 ok=$(cat "$here/sbatch_parsable.txt")
-failed=$(sbatch --parsable -J exit-three --wrap 'exit 3')
+sbatch --parsable -J exit-three --wrap 'exit 3' >/dev/null
 cancelled=$(sbatch --parsable --time=5 --wrap 'sleep 60')
 running=$(sbatch --parsable --time=1-00:00:00 -J 'quickstart-20261123-113512-a name with spaces' --wrap 'sleep 60')
 pending=$(sbatch --parsable -N2 -c2 --time=00:02:00 --wrap 'sleep 1')
@@ -25,10 +25,6 @@ sleep 3
 scancel "$cancelled"
 sleep 1
 squeue --noheader --states=all -O "$fields" >"$here/squeue_all.txt"
-scontrol show job -o "$failed" >"$here/scontrol_show_job_failed.txt"
-scontrol show job -o "$requeued" >"$here/scontrol_show_job_requeued.txt"
-scontrol show job -o "$running" >"$here/scontrol_show_job_running.txt"
-scontrol show job -o 999999 >"$here/scontrol_show_job_invalid.txt" 2>&1 || true
 scontrol show hostnames 'n[1-2]' >"$here/scontrol_show_hostnames.txt"
 scontrol show config >"$here/scontrol_show_config.txt"
 sacct -j "$ok" >"$here/sacct_disabled.txt" 2>&1 || true

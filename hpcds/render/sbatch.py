@@ -1,16 +1,16 @@
-"""Text that hpcds hands to Slurm and DeepSpeed: the batch script, the DeepSpeed JSON config and the hostfile.
+"""The batch scripts: a run's `job.sbatch` and the generic templates in sbatch/ that a person submits with a spec.
 
 Pure functions of a validated `JobSpec` (plus the run directory the script lives in); the templates are jinja2 files in
-hpcds/templates/. The spec already rejects control characters in every string; the renderer checks again whatever it
-puts on an `#SBATCH` line (sbatch has its own parser: whitespace, quotes, `\\` and `#` mean something to it) and
-shell-quotes every value that reaches a shell word, so a spec value is either refused here or inert in the script.
-Only `slurm.setup` lines are shell code by design and go in verbatim. No I/O here, except `hpcds_command`, which looks
-at the running interpreter to name the `hpcds` a batch job should call.
+hpcds/render/templates/, and the facts the shell side shares with Python (exit codes, file names, the warning signal)
+come from hpcds.facts. The spec already rejects control characters in every string; the renderer checks again
+whatever it puts on an `#SBATCH` line (sbatch has its own parser: whitespace, quotes, `\\` and `#` mean something to
+it) and shell-quotes every value that reaches a shell word, so a spec value is either refused here or inert in the
+script. Only `slurm.setup` lines are shell code by design and go in verbatim. No I/O here, except `hpcds_command`,
+which looks at the running interpreter to name the `hpcds` a batch job should call.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -23,18 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from hpcds import __version__
 from hpcds.errors import HpcdsError, Problem, SpecError
+from hpcds.facts import template_facts
 
 if TYPE_CHECKING:
     import jinja2
 
     from hpcds.spec import JobSpec
 
-# Exit code of a trainer that saved a checkpoint after a warning/stop signal and wants the job requeued (EX_TEMPFAIL).
-REQUEUE_EXIT_CODE = 75
-# DeepSpeed prints its own step log every `steps_per_print` steps; hpcds logs progress itself.
-STEPS_PER_PRINT = 1 << 30
-# ZeRO 1/2 bucket sizes in elements: DeepSpeed's defaults, which suit models from ~100M parameters up.
-ZERO12_BUCKET_ELEMENTS = 500_000_000
 # Environment names the batch script relies on, or that make every later bash run code from a value.
 RESERVED_ENV = frozenset(
     {"RUN_DIR", "SLURM_JOB_ID", "SLURM_JOBID", "SLURM_RESTART_COUNT", "SLURM_JOB_NODELIST"}
@@ -49,131 +44,13 @@ def _templates() -> jinja2.Environment:
     import jinja2
 
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("hpcds", "templates"),
+        loader=jinja2.PackageLoader("hpcds.render", "templates"),
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined,
         autoescape=False,
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# DeepSpeed config
-
-
-def render_ds_config(spec: JobSpec) -> dict[str, Any]:
-    """The DeepSpeed JSON for a spec whose ZeRO stage is pinned (an int), with `deepspeed.config` merged last.
-
-    No "optimizer" or "scheduler" section: the trainer passes torch's AdamW as a client optimizer (DeepSpeed's own
-    Adam variants compile ops at start-up) and runs its own learning-rate schedule.
-    """
-    from hpcds.spec import deep_merge
-
-    ds = spec.deepspeed
-    stage = ds.zero_stage
-    if isinstance(stage, bool) or not isinstance(stage, int):
-        raise HpcdsError(
-            f"deepspeed.zero_stage is {stage!r}; the DeepSpeed config needs a number. "
-            "Pin the strategy first (hpcds.plan.pin_strategy, which `hpcds submit` does), or set zero_stage: 0-3."
-        )
-    training = spec.training
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": training.micro_batch_size,
-        "gradient_accumulation_steps": training.grad_accum_steps,
-        "train_batch_size": spec.global_batch_size,
-        "gradient_clipping": training.grad_clip,
-        "steps_per_print": STEPS_PER_PRINT,
-        "wall_clock_breakdown": False,
-    }
-    if training.precision == "bf16":
-        config["bf16"] = {"enabled": True}
-    elif training.precision == "fp16":
-        # loss_scale 0 = dynamic loss scaling, starting at 2**16 and halving on overflow.
-        config["fp16"] = {
-            "enabled": True,
-            "loss_scale": 0,
-            "initial_scale_power": 16,
-            "loss_scale_window": 1000,
-            "hysteresis": 2,
-            "min_loss_scale": 1,
-        }
-    config["zero_optimization"] = _zero_config(spec, stage)
-    if ds.offload_optimizer != "none":
-        # DeepSpeed refuses a client optimizer with ZeRO-Offload unless told that this is on purpose.
-        config["zero_force_ds_cpu_optimizer"] = False
-    return deep_merge(config, ds.config)
-
-
-def _zero_config(spec: JobSpec, stage: int) -> dict[str, Any]:
-    ds = spec.deepspeed
-    zero: dict[str, Any] = {"stage": stage}
-    if stage == 0:
-        return zero
-    zero.update(overlap_comm=True, contiguous_gradients=True)
-    if stage in (1, 2):
-        zero.update(
-            allgather_partitions=True,
-            allgather_bucket_size=ZERO12_BUCKET_ELEMENTS,
-            reduce_scatter=True,
-            reduce_bucket_size=ZERO12_BUCKET_ELEMENTS,
-        )
-    else:
-        # Stage 3 buckets scale with the hidden size (the rule transformers' "auto" values use): hidden**2 elements
-        # per reduce bucket, 90% of that per prefetch, and parameters under 10 * hidden stay unpartitioned.
-        hidden = spec.model.d_model
-        zero.update(
-            reduce_bucket_size=hidden * hidden if hidden else ZERO12_BUCKET_ELEMENTS,
-            stage3_prefetch_bucket_size=int(0.9 * hidden * hidden) if hidden else ZERO12_BUCKET_ELEMENTS,
-            stage3_param_persistence_threshold=10 * hidden if hidden else 1_000_000,
-            stage3_max_live_parameters=1_000_000_000,
-            stage3_max_reuse_distance=1_000_000_000,
-            sub_group_size=1_000_000_000,
-            # Gather the full 16-bit weights on save so a checkpoint loads without zero_to_fp32.
-            stage3_gather_16bit_weights_on_model_save=True,
-        )
-    if ds.offload_optimizer != "none":
-        zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.nvme_path)
-    if stage == 3 and ds.offload_params != "none":
-        zero["offload_param"] = _offload(ds.offload_params, ds.nvme_path)
-    return zero
-
-
-def _offload(device: str, nvme_path: str | None) -> dict[str, Any]:
-    section: dict[str, Any] = {"device": device, "pin_memory": True}
-    if device == "nvme":
-        section["nvme_path"] = nvme_path
-    return section
-
-
-def render_ds_config_json(spec: JobSpec) -> str:
-    return json.dumps(render_ds_config(spec), indent=2) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Hostfile
-
-
-def render_hostfile(hosts: Sequence[str], slots: int) -> str:
-    """DeepSpeed's hostfile: one `<host> slots=<N>` line per node, in allocation order (node rank = line index)."""
-    if isinstance(hosts, str):
-        raise HpcdsError("render_hostfile takes a list of host names, not one string")
-    if not hosts:
-        raise HpcdsError("no hosts for the hostfile: the allocation's node list is empty")
-    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-        raise HpcdsError(f"slots per host must be a positive integer, not {slots!r}")
-    seen: set[str] = set()
-    for host in hosts:
-        if not host or any(c.isspace() or unicodedata.category(c)[0] in "CZ" for c in host) or host.startswith("#"):
-            raise HpcdsError(f"host name {host!r} cannot go in a hostfile (empty, whitespace, control character or #)")
-        if host in seen:
-            raise HpcdsError(f"host {host!r} appears twice; DeepSpeed refuses duplicate hostfile entries")
-        seen.add(host)
-    return "".join(f"{host} slots={slots}\n" for host in hosts)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Batch scripts
 
 
 def hpcds_command() -> list[str]:
@@ -285,6 +162,7 @@ def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = 
         _templates()
         .get_template("job.sbatch.j2")
         .render(
+            **template_facts(),
             version=__version__,
             run_name=os.path.basename(run_dir.rstrip("/")),
             job_name=spec.name,
@@ -316,6 +194,7 @@ def render_submit_template(
         _templates()
         .get_template("submit.sbatch.j2")
         .render(
+            **template_facts(),
             version=__version__,
             template_path=template_path,
             nodes=int(nodes),
@@ -337,17 +216,3 @@ def render_submit_templates() -> dict[str, str]:
         name: render_submit_template(template_path=f"sbatch/{name}", **kwargs)
         for name, kwargs in SUBMIT_TEMPLATES.items()
     }
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# A run's files
-
-
-def render_run_files(spec: JobSpec) -> tuple[JobSpec, dict[str, str]]:
-    """Pin the strategy (ZeRO stage etc., fixed for the life of the run) and render the files that do not depend on
-    where the run lives: `spec.yaml` (the resolved, pinned spec) and `ds_config.json`. The batch script needs the run
-    directory, so whoever creates it calls `render_sbatch(pinned, run_dir, hpcds_command())`."""
-    from hpcds.plan import pin_strategy
-
-    pinned = pin_strategy(spec)
-    return pinned, {"spec.yaml": pinned.to_yaml(), "ds_config.json": render_ds_config_json(pinned)}

@@ -1,7 +1,7 @@
 """Named starting points for a job spec: model shapes (and a few training defaults) a spec can build on.
 
 A spec says `preset: 7b_mamba` and overrides what it wants; precedence is defaults < preset < YAML < --set < flags.
-Shapes reproduce the seed projects' presets; parameter counts follow from the architecture (hpcds.plan_params), and
+Shapes reproduce the seed projects' presets; parameter counts follow from the architecture (hpcds.plan.params), and
 equal what transformers builds for the same config. No I/O here.
 """
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, model_validator
 
 from hpcds.errors import Problem
-from hpcds.spec_types import SafeStr, Strict, _problems
+from hpcds.spec.types import SafeStr, Strict, _problems
 
 
 class LoraSpec(Strict):

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hpcds.slurm import JobState, parse_exit_code
+from hpcds.durations import format_slurm_duration
+from hpcds.facts import EXIT_REQUEUE
+from hpcds.slurm.parse import JobState, parse_exit_code
 
 ACTIVE_STATES = frozenset({"PENDING", "REQUEUED", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "RESIZING"})
 ACTIVE_STATES |= {"REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
@@ -128,7 +130,9 @@ def job_history(job_id: str, events: list[dict[str, Any]]) -> list[dict[str, Any
             current["error"] = f"hung: no heartbeat for {event.get('heartbeat_age_s')} s"
         elif kind == "exited":
             current["end"], current["rc"] = _as_float(event.get("time")), _as_int(event.get("rc"))
-            fallback = {0: "finished", 75: "requeued"}.get(current["rc"], "failed")  # scripts before the class
+            fallback = {0: "finished", EXIT_REQUEUE: "requeued"}.get(
+                current["rc"], "failed"
+            )  # scripts before the class
             current["ending"] = event.get("class") or fallback
         elif kind in ("requeue", "failure_requeue"):
             current["requeued"] = True
@@ -145,7 +149,7 @@ def history_lines(history: list[dict[str, Any]]) -> list[str]:
         if entry.get("stop"):
             parts.append(entry["stop"])
         if entry.get("end") is not None and entry.get("start") is not None:
-            parts.append(f"ran {format_duration(entry['end'] - entry['start'])}")
+            parts.append(f"ran {format_slurm_duration(entry['end'] - entry['start'])}")
         ending = entry.get("ending") or "running"
         parts.append(ending + (f" (exit {entry['rc']})" if entry.get("rc") not in (None, 0) else ""))
         if entry.get("requeued") and ending in ("failed", "hung"):
@@ -297,18 +301,6 @@ def needs_accounting(row: StatusRow) -> bool:
     return row.source == "events" and row.job_id is not None and row.state == "UNKNOWN"
 
 
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"  # Slurm's own D-HH:MM:SS
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
 def table_cells(row: StatusRow) -> dict[str, str]:
     """The human table's cells for one row (the CLI draws them)."""
 
@@ -320,7 +312,7 @@ def table_cells(row: StatusRow) -> dict[str, str]:
     if row.last_checkpoint_step is not None:
         checkpoint = f"{row.last_checkpoint_step}"
         if row.last_checkpoint_age_s is not None:
-            checkpoint += f" ({format_duration(row.last_checkpoint_age_s)} ago)"
+            checkpoint += f" ({format_slurm_duration(row.last_checkpoint_age_s)} ago)"
     offline_dir = row.wandb_dir
     if offline_dir and f"/{row.name}/" in offline_dir:  # inside the run directory: the relative part says it all
         offline_dir = offline_dir.split(f"/{row.name}/", 1)[1]
@@ -332,7 +324,7 @@ def table_cells(row: StatusRow) -> dict[str, str]:
         "state": state,
         "reason": reason or "-",
         "nodes": row.nodes or "-",
-        "time": f"{format_duration(row.elapsed_s)} / {format_duration(row.time_limit_s)}",
+        "time": f"{format_slurm_duration(row.elapsed_s)} / {format_slurm_duration(row.time_limit_s)}",
         "restarts": str(row.restarts),
         "step": f"{dash(row.step)}/{dash(row.max_steps)}" if row.step is not None else "-",
         "loss": dash(row.loss, "{:.4f}"),

@@ -15,10 +15,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, ValidationInfo, model_validator
 
+from hpcds.durations import parse_slurm_time_s
 from hpcds.errors import Problem, SpecError
-from hpcds.presets import PRESETS
-from hpcds.spec_model import LoraSpec, ModelSpec
-from hpcds.spec_types import (
+from hpcds.facts import SECRET_NAME
+from hpcds.spec.model import ModelSpec
+from hpcds.spec.presets import PRESETS
+from hpcds.spec.types import (
     Constraint,
     EnvName,
     Name,
@@ -30,8 +32,6 @@ from hpcds.spec_types import (
     Strict,
     _problems,
 )
-
-__all__ = ["JobSpec", "LoraSpec", "ModelSpec", "load_spec", "validate_spec"]
 
 
 def _as_dataset_list(value: Any) -> Any:
@@ -197,12 +197,12 @@ class SlurmSpec(Strict):
 
     @property
     def time_limit_s(self) -> int:
-        return parse_slurm_time_s(self.time)
+        return parse_slurm_time_s(self.time)  # never None: the SlurmTime pattern admits durations only
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> SlurmSpec:
         for name in self.env:
-            if re.search(r"API_KEY|TOKEN|SECRET|PASSWORD", name.upper()):
+            if SECRET_NAME.search(name):
                 _problems(info).append(
                     Problem(
                         f"slurm.env.{name}",
@@ -269,20 +269,6 @@ class JobSpec(Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def parse_slurm_time_s(text: str) -> int:
-    """'90' (minutes), 'MM:SS', 'HH:MM:SS', 'D-HH', 'D-HH:MM', 'D-HH:MM:SS' -> seconds."""
-    days, _, clock = text.rpartition("-")
-    parts = [int(p) for p in clock.split(":")]
-    if days:
-        h, m, s = ([*parts, 0, 0])[:3]
-        return int(days) * 86400 + h * 3600 + m * 60 + s
-    if len(parts) == 1:
-        return parts[0] * 60
-    if len(parts) == 2:
-        return parts[0] * 60 + parts[1]
-    return parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

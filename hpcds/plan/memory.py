@@ -1,21 +1,21 @@
-"""The memory planner: parameter counts, per-GPU memory for every ZeRO stage and offload, and the strategy to use.
+"""Memory per GPU and per node for one ZeRO strategy: model states, DeepSpeed's buffers, activations; FLOPs per token.
 
-Parameter counts come from the architecture and equal what transformers builds (hpcds.plan_params). Model-state
+Parameter counts come from the architecture and equal what transformers builds (hpcds.plan.params). Model-state
 bytes for 16-bit training equal DeepSpeed's own estimators (`estimate_zero2_model_states_mem_needs` /
 `estimate_zero3_model_states_mem_needs`, zero_init on, buffer factor 1.5) when every weight trains; with LoRA only the
 adapters carry gradients and optimizer states. ZeRO-0/1 and fp32 follow the same per-parameter bookkeeping.
 Activations follow Korthikanti et al. 2022, Table 2, for GPT and the tensors the fused kernels save for backward for
-Mamba; docs/memory.md derives every term. The recommendation is the first strategy in `STRATEGY_ORDER` (least
-communication first) that fits. No I/O here.
+Mamba; docs/memory.md derives every term. The communication buckets are chosen here (`zero_buckets`) and written
+into the DeepSpeed config by hpcds.render, so the plan counts what the run will allocate. No I/O here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
-from hpcds.errors import HpcdsError
-from hpcds.plan_params import ParamCount, attention_widths, count_params, is_tied
+from hpcds.plan.params import ParamCount, attention_widths, is_tied
 from hpcds.spec import JobSpec, ModelSpec
 
 GIB = 2**30
@@ -24,7 +24,8 @@ RESERVED_BYTES = 1 * GIB  # CUDA context, NCCL, cuBLAS workspaces: outside PyTor
 DS_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor default (CPU side only)
 CHECKPOINT_BANDWIDTH_GB_S = 1.0  # aggregate write speed assumed for the checkpoint save estimate
 MAMBA2_CHUNK_SIZE = 256  # transformers' Mamba2Config default
-DS_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size
+# DeepSpeed's default reduce/allgather bucket size in elements, which suits models from ~100M parameters up.
+DS_BUCKET_ELEMENTS = 500_000_000
 
 
 @dataclass(frozen=True)
@@ -39,105 +40,6 @@ class Strategy:
             " + optimizer+params→CPU" if self.offload_params else " + optimizer→CPU" if self.offload_optimizer else ""
         )
         return f"ZeRO-{self.stage}{offload}"
-
-
-# Least communication first (the order of the DeepSpeed/transformers guide: 0 > 1 > 2 > 2+offload > 3 > 3+offload).
-# ZeRO-1 with optimizer offload moves as much over PCIe as ZeRO-2 with it while keeping full gradients, so it never
-# comes first; it stays for completeness.
-STRATEGY_ORDER = (
-    Strategy(0),
-    Strategy(1),
-    Strategy(2),
-    Strategy(2, offload_optimizer=True),
-    Strategy(1, offload_optimizer=True),
-    Strategy(3),
-    Strategy(3, offload_optimizer=True),
-    Strategy(3, offload_optimizer=True, offload_params=True),
-)
-
-
-@dataclass(frozen=True)
-class PlanRow:
-    strategy: Strategy
-    params_bytes: int
-    grads_bytes: int
-    optimizer_bytes: int
-    activations_bytes: int
-    cpu_bytes_per_node: int
-    usable_bytes: int  # GPU memory minus headroom
-    cpu_fits: bool = True
-    buffers_bytes: int = 0  # DeepSpeed's gradient communication buckets
-
-    @property
-    def model_state_bytes(self) -> int:
-        return self.params_bytes + self.grads_bytes + self.optimizer_bytes
-
-    @property
-    def total_bytes(self) -> int:
-        return self.model_state_bytes + self.activations_bytes + self.buffers_bytes
-
-    @property
-    def headroom_bytes(self) -> int:
-        """Usable memory left after this strategy; negative when it does not fit."""
-        return self.usable_bytes - self.total_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.headroom_bytes >= 0 and self.cpu_fits
-
-    def to_dict(self) -> dict:
-        return {
-            "stage": self.strategy.stage,
-            "offload_optimizer": self.strategy.offload_optimizer,
-            "offload_params": self.strategy.offload_params,
-            "name": self.strategy.name,
-            "params_bytes": self.params_bytes,
-            "grads_bytes": self.grads_bytes,
-            "optimizer_bytes": self.optimizer_bytes,
-            "activations_bytes": self.activations_bytes,
-            "buffers_bytes": self.buffers_bytes,
-            "total_bytes": self.total_bytes,
-            "cpu_bytes_per_node": self.cpu_bytes_per_node,
-            "headroom_bytes": self.headroom_bytes,
-            "fits": self.fits,
-        }
-
-
-@dataclass
-class Plan:
-    rows: list[PlanRow]
-    params: ParamCount
-    flops_per_token: float
-    recommended: PlanRow | None
-    chosen: PlanRow | None  # the spec's own strategy when its zero_stage is not auto
-    gpu_mem_bytes: int
-    reserve_bytes: int
-    world_size: int
-    gpus_per_node: int
-    nodes: int
-    checkpoint_bytes: int
-    notes: list[str] = field(default_factory=list)
-
-    def row(self, strategy: Strategy) -> PlanRow:
-        return next(r for r in self.rows if r.strategy == strategy)
-
-    def to_dict(self) -> dict:
-        return {
-            "params": self.params.total,
-            "param_count": asdict(self.params),
-            "flops_per_token": self.flops_per_token,
-            "gpu_mem_bytes": self.gpu_mem_bytes,
-            "reserve_bytes": self.reserve_bytes,
-            "world_size": self.world_size,
-            "gpus_per_node": self.gpus_per_node,
-            "nodes": self.nodes,
-            "checkpoint_bytes": self.checkpoint_bytes,
-            "checkpoint_save_s": checkpoint_save_s(self.checkpoint_bytes),
-            "strategies": [r.to_dict() for r in self.rows],
-            "recommended": self.recommended.to_dict() if self.recommended else None,
-            "chosen": self.chosen.to_dict() if self.chosen else None,
-            "notes": list(self.notes),
-        }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -207,37 +109,53 @@ def _ds_zero3_cpu(params: ParamCount, gpus_per_node: int, nodes: int, off_opt: b
     return int(params.largest_layer * 4 * gpus_per_node * DS_BUFFER_FACTOR)
 
 
+def zero_buckets(spec: JobSpec, stage: int) -> dict[str, Any]:
+    """The communication settings hpcds chooses for a ZeRO stage (the DeepSpeed config's `zero_optimization` holds
+    them, under whatever `deepspeed.config` sets there)."""
+    if stage == 0:
+        return {}
+    if stage in (1, 2):
+        return {
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "allgather_partitions": True,
+            "allgather_bucket_size": DS_BUCKET_ELEMENTS,
+            "reduce_scatter": True,
+            "reduce_bucket_size": DS_BUCKET_ELEMENTS,
+        }
+    # Stage 3 buckets scale with the hidden size (the rule transformers' "auto" values use): hidden**2 elements per
+    # reduce bucket, 90% of that per prefetch, and parameters under 10 * hidden stay unpartitioned.
+    hidden = spec.model.d_model
+    return {
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": hidden * hidden if hidden else DS_BUCKET_ELEMENTS,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden) if hidden else DS_BUCKET_ELEMENTS,
+        "stage3_param_persistence_threshold": 10 * hidden if hidden else 1_000_000,
+    }
+
+
 def bucket_bytes(spec: JobSpec, strategy: Strategy, params: ParamCount) -> int:
-    """GPU bytes of DeepSpeed's gradient communication buffers, read from the DeepSpeed config hpcds renders.
+    """GPU bytes of DeepSpeed's gradient communication buffers, from the buckets the run's config will hold.
 
     ZeRO-1/2 allocate `reduce_bucket_size` elements whole, twice with overlap_comm (double buffering), whatever the
     model's size; ZeRO-0 flattens at most that many gradient elements per all-reduce; ZeRO-3 holds a reduce bucket and
     a prefetch bucket.
     """
-    from hpcds.render import render_ds_config  # pure; imported here because render pins through this module
-
-    offload = {
-        "zero_stage": strategy.stage,
-        "offload_optimizer": "cpu" if strategy.offload_optimizer else "none",
-        "offload_params": "cpu" if strategy.offload_params else "none",
-    }
-    try:
-        as_run = spec.model_copy(update={"deepspeed": spec.deepspeed.model_copy(update=offload)})
-        zero = render_ds_config(as_run).get("zero_optimization", {})
-    except HpcdsError:
-        zero = {}
+    raw = spec.deepspeed.config.get("zero_optimization")
+    zero = {**zero_buckets(spec, strategy.stage), **(raw if isinstance(raw, dict) else {})}
     w = 4 if spec.training.precision == "fp32" else 2
 
-    def elements(key: str, default: int) -> int:
-        value = zero.get(key, default)
-        return int(value) if isinstance(value, (int, float)) else default  # "auto" and the like: DeepSpeed's default
+    def elements(key: str) -> int:
+        value = zero.get(key, DS_BUCKET_ELEMENTS)
+        return int(value) if isinstance(value, (int, float)) else DS_BUCKET_ELEMENTS  # "auto": DeepSpeed's default
 
-    reduce = elements("reduce_bucket_size", DS_BUCKET_ELEMENTS)
+    reduce = elements("reduce_bucket_size")
     if strategy.stage == 0:
         return min(reduce, params.trainable) * w
     if strategy.stage < 3:
         return reduce * w * (2 if zero.get("overlap_comm", False) else 1)
-    return (reduce + elements("stage3_prefetch_bucket_size", DS_BUCKET_ELEMENTS)) * w
+    return (reduce + elements("stage3_prefetch_bucket_size")) * w
 
 
 def activation_bytes(model: ModelSpec, micro_batch: int, seq_len: int, precision: str, checkpointing: bool) -> int:
@@ -322,90 +240,3 @@ def parse_mem_bytes(text: str | None) -> int | None:
     if text[-1] in units:
         return int(text[:-1]) * units[text[-1]]
     return int(text) * 2**20
-
-
-def plan_job(spec: JobSpec, gpu_mem_gb: float | None = None) -> Plan:
-    """Memory per GPU for every strategy, and the first strategy (least communication) that fits."""
-    gpu_mem_bytes = int((gpu_mem_gb if gpu_mem_gb is not None else spec.slurm.gpu_mem_gb) * GIB)
-    reserve = int(gpu_mem_bytes * HEADROOM_FRACTION) + RESERVED_BYTES
-    usable = gpu_mem_bytes - reserve
-    params = count_params(spec.model)
-    train = spec.training
-    precision = train.precision
-    seq_len = spec.model.max_seq_len
-    acts = activation_bytes(spec.model, train.micro_batch_size, seq_len, precision, train.activation_checkpointing)
-    gpus, nodes = spec.slurm.ranks, spec.slurm.nodes
-    node_mem = parse_mem_bytes(spec.slurm.mem)
-    rows = []
-    for strategy in STRATEGY_ORDER:
-        p, g, o, cpu = model_state_bytes(strategy, params, gpus, nodes, precision)
-        cpu_fits = node_mem is None or cpu <= node_mem
-        buffers = bucket_bytes(spec, strategy, params)
-        rows.append(PlanRow(strategy, p, g, o, acts, cpu, usable, cpu_fits, buffers))
-    allowed = [r for r in rows if _allowed(spec, r.strategy)]
-    recommended = next((r for r in allowed if r.fits), None)
-    ds = spec.deepspeed
-    fixed = Strategy(ds.zero_stage, ds.offload_optimizer != "none", ds.offload_params != "none")
-    chosen = next((r for r in rows if r.strategy == fixed), None) if ds.zero_stage != "auto" else None
-    notes = []
-    if spec.model.type in ("mamba", "mamba2"):
-        notes.append(
-            "Mamba activations assume the fused kernels (pip install 'hpcds[gpu]'); the reference path keeps more"
-        )
-    return Plan(
-        rows=rows,
-        params=params,
-        flops_per_token=flops_per_token(spec.model, params, seq_len),
-        recommended=recommended,
-        chosen=chosen,
-        gpu_mem_bytes=gpu_mem_bytes,
-        reserve_bytes=reserve,
-        world_size=spec.world_size,
-        gpus_per_node=gpus,
-        nodes=nodes,
-        checkpoint_bytes=checkpoint_bytes(params, precision),
-        notes=notes,
-    )
-
-
-def _allowed(spec: JobSpec, strategy: Strategy) -> bool:
-    """Strategies compatible with what the spec fixed: a stage that is not auto, offloads the person asked for."""
-    ds = spec.deepspeed
-    if ds.zero_stage != "auto" and strategy.stage != ds.zero_stage:
-        return False
-    if ds.offload_optimizer != "none" and not strategy.offload_optimizer:
-        return False
-    return not (ds.offload_params != "none" and not strategy.offload_params)
-
-
-def pin_strategy(spec: JobSpec) -> JobSpec:
-    """Resolve `deepspeed.zero_stage: auto` to the recommended stage and offloads; any other spec is returned as is."""
-    if spec.deepspeed.zero_stage != "auto":
-        return spec
-    plan = plan_job(spec)
-    row = plan.recommended
-    if row is None:
-        raise HpcdsError(_nothing_fits_message(spec, plan))
-    ds = spec.deepspeed
-    opt = ds.offload_optimizer if ds.offload_optimizer != "none" else "cpu"
-    par = ds.offload_params if ds.offload_params != "none" else "cpu"
-    update = {
-        "zero_stage": row.strategy.stage,
-        "offload_optimizer": opt if row.strategy.offload_optimizer else "none",
-        "offload_params": par if row.strategy.offload_params else "none",
-    }
-    return spec.model_copy(update={"deepspeed": ds.model_copy(update=update)})
-
-
-def _nothing_fits_message(spec: JobSpec, plan: Plan) -> str:
-    best = min((r for r in plan.rows if _allowed(spec, r.strategy)), key=lambda r: r.total_bytes)
-    lines = [
-        f"no ZeRO strategy fits {plan.params.total / 1e9:.2f}B parameters on {plan.world_size} GPU(s) of "
-        f"{plan.gpu_mem_bytes / GIB:.0f} GiB ({(plan.gpu_mem_bytes - plan.reserve_bytes) / GIB:.1f} GiB usable).",
-        f"Smallest: {best.strategy.name} needs {best.total_bytes / GIB:.1f} GiB per GPU "
-        f"(activations {best.activations_bytes / GIB:.1f} GiB) and {best.cpu_bytes_per_node / GIB:.0f} GiB CPU RAM "
-        "per node.",
-        "hint: add GPUs (--nodes / --gpus-per-node), offload (deepspeed.offload_optimizer: cpu), lower "
-        "training.micro_batch_size, or set training.activation_checkpointing: true; `hpcds plan` shows the table",
-    ]
-    return "\n".join(lines)

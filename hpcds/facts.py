@@ -1,0 +1,44 @@
+"""Facts that hpcds's Python code and its batch-script templates must agree on, each defined once here.
+
+The renderer passes them into the templates (`template_facts`), so a changed exit code or file name changes the
+shell side too. No I/O here.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+
+# Exit code of a trainer that saved at a step boundary after a stop signal and wants the job run again
+# (EX_TEMPFAIL). DeepSpeed's launcher, `hpcds launch` and srun pass it on; the batch script requeues on it.
+EXIT_REQUEUE = 75
+
+# Slurm's warning before the time limit (`--signal=USR2@lead`). Not USR1: NCCL uses USR1 internally on some versions.
+WARNING_SIGNAL = "USR2"
+WARNING_SIGNUM = signal.Signals["SIG" + WARNING_SIGNAL]
+
+# The run directory's files.
+SPEC_FILE = "spec.yaml"
+SCRIPT_FILE = "job.sbatch"
+DS_CONFIG_FILE = "ds_config.json"
+META_FILE = "meta.json"
+EVENTS_FILE = "events.jsonl"
+PROGRESS_FILE = "progress.json"
+LOSSES_FILE = "losses.jsonl"
+HEARTBEAT_DIR = "heartbeats"
+CHECKPOINT_DIR = "checkpoints"
+
+# Environment names whose values are secrets: refused in a spec's `slurm.env` (they would be written into spec.yaml
+# and job.sbatch) and redacted from W&B's run config. Whole words between underscores, so TOKENIZERS_PARALLELISM
+# is not one while HF_TOKEN and WANDB_API_KEY are.
+SECRET_NAME = re.compile(r"(?:^|_)(?:KEY|APIKEY|TOKEN|SECRET|PASSWORD|PASSWD|PASS|CREDENTIALS?)(?:_|$)", re.IGNORECASE)
+
+
+def template_facts() -> dict[str, object]:
+    """What the batch-script templates read from here."""
+    return {
+        "exit_requeue": EXIT_REQUEUE,
+        "warning_signal": WARNING_SIGNAL,
+        "events_file": EVENTS_FILE,
+        "heartbeat_dir": HEARTBEAT_DIR,
+    }

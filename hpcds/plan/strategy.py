@@ -1,0 +1,211 @@
+"""The strategy: memory per GPU for every ZeRO stage and offload (`plan_job`), the first that fits, and the pinning
+of `zero_stage: auto` to it for the life of a run (`pin_strategy`).
+
+The recommendation is the first strategy in `STRATEGY_ORDER` (least communication first) that fits. No I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from hpcds.errors import HpcdsError
+from hpcds.plan.memory import (
+    GIB,
+    HEADROOM_FRACTION,
+    RESERVED_BYTES,
+    Strategy,
+    activation_bytes,
+    bucket_bytes,
+    checkpoint_bytes,
+    checkpoint_save_s,
+    flops_per_token,
+    model_state_bytes,
+    parse_mem_bytes,
+)
+from hpcds.plan.params import ParamCount, count_params
+from hpcds.spec import JobSpec
+
+# Least communication first (the order of the DeepSpeed/transformers guide: 0 > 1 > 2 > 2+offload > 3 > 3+offload).
+# ZeRO-1 with optimizer offload moves as much over PCIe as ZeRO-2 with it while keeping full gradients, so it never
+# comes first; it stays for completeness.
+STRATEGY_ORDER = (
+    Strategy(0),
+    Strategy(1),
+    Strategy(2),
+    Strategy(2, offload_optimizer=True),
+    Strategy(1, offload_optimizer=True),
+    Strategy(3),
+    Strategy(3, offload_optimizer=True),
+    Strategy(3, offload_optimizer=True, offload_params=True),
+)
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    strategy: Strategy
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    cpu_bytes_per_node: int
+    usable_bytes: int  # GPU memory minus headroom
+    cpu_fits: bool = True
+    buffers_bytes: int = 0  # DeepSpeed's gradient communication buckets
+
+    @property
+    def model_state_bytes(self) -> int:
+        return self.params_bytes + self.grads_bytes + self.optimizer_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.model_state_bytes + self.activations_bytes + self.buffers_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        """Usable memory left after this strategy; negative when it does not fit."""
+        return self.usable_bytes - self.total_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0 and self.cpu_fits
+
+    def to_dict(self) -> dict:
+        return {
+            "stage": self.strategy.stage,
+            "offload_optimizer": self.strategy.offload_optimizer,
+            "offload_params": self.strategy.offload_params,
+            "name": self.strategy.name,
+            "params_bytes": self.params_bytes,
+            "grads_bytes": self.grads_bytes,
+            "optimizer_bytes": self.optimizer_bytes,
+            "activations_bytes": self.activations_bytes,
+            "buffers_bytes": self.buffers_bytes,
+            "total_bytes": self.total_bytes,
+            "cpu_bytes_per_node": self.cpu_bytes_per_node,
+            "headroom_bytes": self.headroom_bytes,
+            "fits": self.fits,
+        }
+
+
+@dataclass
+class Plan:
+    rows: list[PlanRow]
+    params: ParamCount
+    flops_per_token: float
+    recommended: PlanRow | None
+    chosen: PlanRow | None  # the spec's own strategy when its zero_stage is not auto
+    gpu_mem_bytes: int
+    reserve_bytes: int
+    world_size: int
+    gpus_per_node: int
+    nodes: int
+    checkpoint_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, strategy: Strategy) -> PlanRow:
+        return next(r for r in self.rows if r.strategy == strategy)
+
+    def to_dict(self) -> dict:
+        return {
+            "params": self.params.total,
+            "param_count": asdict(self.params),
+            "flops_per_token": self.flops_per_token,
+            "gpu_mem_bytes": self.gpu_mem_bytes,
+            "reserve_bytes": self.reserve_bytes,
+            "world_size": self.world_size,
+            "gpus_per_node": self.gpus_per_node,
+            "nodes": self.nodes,
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "checkpoint_save_s": checkpoint_save_s(self.checkpoint_bytes),
+            "strategies": [r.to_dict() for r in self.rows],
+            "recommended": self.recommended.to_dict() if self.recommended else None,
+            "chosen": self.chosen.to_dict() if self.chosen else None,
+            "notes": list(self.notes),
+        }
+
+
+def plan_job(spec: JobSpec, gpu_mem_gb: float | None = None) -> Plan:
+    """Memory per GPU for every strategy, and the first strategy (least communication) that fits."""
+    gpu_mem_bytes = int((gpu_mem_gb if gpu_mem_gb is not None else spec.slurm.gpu_mem_gb) * GIB)
+    reserve = int(gpu_mem_bytes * HEADROOM_FRACTION) + RESERVED_BYTES
+    usable = gpu_mem_bytes - reserve
+    params = count_params(spec.model)
+    train = spec.training
+    precision = train.precision
+    seq_len = spec.model.max_seq_len
+    acts = activation_bytes(spec.model, train.micro_batch_size, seq_len, precision, train.activation_checkpointing)
+    gpus, nodes = spec.slurm.ranks, spec.slurm.nodes
+    node_mem = parse_mem_bytes(spec.slurm.mem)
+    rows = []
+    for strategy in STRATEGY_ORDER:
+        p, g, o, cpu = model_state_bytes(strategy, params, gpus, nodes, precision)
+        cpu_fits = node_mem is None or cpu <= node_mem
+        buffers = bucket_bytes(spec, strategy, params)
+        rows.append(PlanRow(strategy, p, g, o, acts, cpu, usable, cpu_fits, buffers))
+    allowed = [r for r in rows if _allowed(spec, r.strategy)]
+    recommended = next((r for r in allowed if r.fits), None)
+    ds = spec.deepspeed
+    fixed = Strategy(ds.zero_stage, ds.offload_optimizer != "none", ds.offload_params != "none")
+    chosen = next((r for r in rows if r.strategy == fixed), None) if ds.zero_stage != "auto" else None
+    notes = []
+    if spec.model.type in ("mamba", "mamba2"):
+        notes.append(
+            "Mamba activations assume the fused kernels (pip install 'hpcds[gpu]'); the reference path keeps more"
+        )
+    return Plan(
+        rows=rows,
+        params=params,
+        flops_per_token=flops_per_token(spec.model, params, seq_len),
+        recommended=recommended,
+        chosen=chosen,
+        gpu_mem_bytes=gpu_mem_bytes,
+        reserve_bytes=reserve,
+        world_size=spec.world_size,
+        gpus_per_node=gpus,
+        nodes=nodes,
+        checkpoint_bytes=checkpoint_bytes(params, precision),
+        notes=notes,
+    )
+
+
+def _allowed(spec: JobSpec, strategy: Strategy) -> bool:
+    """Strategies compatible with what the spec fixed: a stage that is not auto, offloads the person asked for."""
+    ds = spec.deepspeed
+    if ds.zero_stage != "auto" and strategy.stage != ds.zero_stage:
+        return False
+    if ds.offload_optimizer != "none" and not strategy.offload_optimizer:
+        return False
+    return not (ds.offload_params != "none" and not strategy.offload_params)
+
+
+def pin_strategy(spec: JobSpec) -> JobSpec:
+    """Resolve `deepspeed.zero_stage: auto` to the recommended stage and offloads; any other spec is returned as is."""
+    if spec.deepspeed.zero_stage != "auto":
+        return spec
+    plan = plan_job(spec)
+    row = plan.recommended
+    if row is None:
+        raise HpcdsError(_nothing_fits_message(spec, plan))
+    ds = spec.deepspeed
+    opt = ds.offload_optimizer if ds.offload_optimizer != "none" else "cpu"
+    par = ds.offload_params if ds.offload_params != "none" else "cpu"
+    update = {
+        "zero_stage": row.strategy.stage,
+        "offload_optimizer": opt if row.strategy.offload_optimizer else "none",
+        "offload_params": par if row.strategy.offload_params else "none",
+    }
+    return spec.model_copy(update={"deepspeed": ds.model_copy(update=update)})
+
+
+def _nothing_fits_message(spec: JobSpec, plan: Plan) -> str:
+    best = min((r for r in plan.rows if _allowed(spec, r.strategy)), key=lambda r: r.total_bytes)
+    lines = [
+        f"no ZeRO strategy fits {plan.params.total / 1e9:.2f}B parameters on {plan.world_size} GPU(s) of "
+        f"{plan.gpu_mem_bytes / GIB:.0f} GiB ({(plan.gpu_mem_bytes - plan.reserve_bytes) / GIB:.1f} GiB usable).",
+        f"Smallest: {best.strategy.name} needs {best.total_bytes / GIB:.1f} GiB per GPU "
+        f"(activations {best.activations_bytes / GIB:.1f} GiB) and {best.cpu_bytes_per_node / GIB:.0f} GiB CPU RAM "
+        "per node.",
+        "hint: add GPUs (--nodes / --gpus-per-node), offload (deepspeed.offload_optimizer: cpu), lower "
+        "training.micro_batch_size, or set training.activation_checkpointing: true; `hpcds plan` shows the table",
+    ]
+    return "\n".join(lines)
