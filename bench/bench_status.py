@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hpcds import runs, slurm
+from hpcds import facts, runs, slurm
 from hpcds.cli.jobs_cmd import StatusSource
 
 NOW = time.time()
@@ -34,7 +34,7 @@ def write_run(root: Path, index: int, live_job_ids: list[str], rng: random.Rando
     live = index % 1000 == 0 and live_job_ids
     job_id = live_job_ids[index // 1000 % len(live_job_ids)] if live else str(100000 + index)
     meta = {"name": name, "created": NOW - 3600, "job_ids": [job_id], "wandb_id": f"w{index:07d}"}
-    (run_dir / runs.META_FILE).write_text(json.dumps(meta))
+    (run_dir / facts.META_FILE).write_text(json.dumps(meta))
     started = NOW - rng.uniform(600, 86400)
     events = [
         {"time": started - 5, "event": "created"},
@@ -47,14 +47,14 @@ def write_run(root: Path, index: int, live_job_ids: list[str], rng: random.Rando
         events.append({"time": started + 500, "event": "exited", "job_id": job_id, "rc": rc, "terminated": 0})
         if rc == 75:
             events.append({"time": started + 500, "event": "requeue", "job_id": job_id})
-    (run_dir / runs.EVENTS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
+    (run_dir / facts.EVENTS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
     step = rng.randrange(1, 1000)
     progress = {"step": step, "max_steps": 1000, "loss": 2.5, "tokens_per_s": 12000.0, "world_size": 16}
     progress |= {"last_checkpoint_step": step - step % 50, "last_checkpoint_time": started + 400, "time": started + 499}
     progress |= {"wandb_id": meta["wandb_id"], "wandb_url": None, "wandb_dir": None}
-    (run_dir / runs.PROGRESS_FILE).write_text(json.dumps(progress))
-    (run_dir / runs.HEARTBEAT_DIR).mkdir()
-    (run_dir / runs.HEARTBEAT_DIR / "n1.json").write_text(json.dumps({"time": started + 499, "step": step}))
+    (run_dir / facts.PROGRESS_FILE).write_text(json.dumps(progress))
+    (run_dir / facts.HEARTBEAT_DIR).mkdir()
+    (run_dir / facts.HEARTBEAT_DIR / "n1.json").write_text(json.dumps({"time": started + 499, "step": step}))
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpcds import runs
+from hpcds import facts, runs
 from hpcds.errors import HpcdsError
 
 FORMATS = ("safetensors", "hf", "lora")
@@ -233,13 +233,13 @@ def export_run(
 
     if fmt not in FORMATS:
         raise HpcdsError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    spec = load_spec(run_dir / runs.SPEC_FILE)
+    spec = load_spec(run_dir / facts.SPEC_FILE)
     if fmt == "lora" and spec.model.lora is None:
         raise HpcdsError(
             f"{run_dir.name} trained all weights (no model.lora): there is no adapter to export"
             "\nhint: --format hf or --format safetensors"
         )
-    ckpt_dir = Path(spec.checkpoint.dir) if spec.checkpoint.dir else run_dir / runs.CHECKPOINT_DIR
+    ckpt_dir = Path(spec.checkpoint.dir) if spec.checkpoint.dir else run_dir / facts.CHECKPOINT_DIR
     candidates, broken = committed_candidates(ckpt_dir)
     if step == "best" and candidates:
         newest = max(candidates, key=lambda c: c.step)

@@ -21,16 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcds.errors import HpcdsError
-from hpcds.facts import (  # noqa: F401  (the run directory's names, read through this module by its users)
-    CHECKPOINT_DIR,
-    DS_CONFIG_FILE,
-    EVENTS_FILE,
-    HEARTBEAT_DIR,
-    META_FILE,
-    PROGRESS_FILE,
-    SCRIPT_FILE,
-    SPEC_FILE,
-)
+from hpcds.facts import EVENTS_FILE, META_FILE
 
 
 def write_text_atomic(path: Path, text: str) -> None:

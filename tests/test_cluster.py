@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcds import runs, slurm
+from hpcds import facts, runs, slurm
 from hpcds.cli.jobs_cmd import StatusSource, sbatch_run
 
 pytestmark = pytest.mark.slurm
@@ -72,7 +72,7 @@ def failed_run(runs_root, submitted) -> Path:
     done = hpcds(runs_root, "submit", QUICKSTART, "--name", "exit3", "--dry-run", "--json")
     assert done.returncode == 0, done.stderr
     run_dir = Path(json.loads(done.stdout)["run_dir"])
-    script = run_dir / runs.SCRIPT_FILE
+    script = run_dir / facts.SCRIPT_FILE
     lines = script.read_text().splitlines(keepends=True)
     srun = [i for i, line in enumerate(lines) if line.startswith("srun ")]
     assert len(srun) == 1, "the batch script should start the launcher with exactly one srun line"

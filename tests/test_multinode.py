@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcds import runs
+from hpcds import facts, runs
 from hpcds.train import universal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,12 +68,12 @@ from hpcds.train.__main__ import make_optimizer
 
 run_dir = Path(sys.argv[1])
 deepspeed.init_distributed(dist_backend="gloo")
-spec = load_spec(run_dir / runs.SPEC_FILE)
-config = json.loads((run_dir / runs.DS_CONFIG_FILE).read_text())
+spec = load_spec(run_dir / facts.SPEC_FILE)
+config = json.loads((run_dir / facts.DS_CONFIG_FILE).read_text())
 config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
 model = models.build_model(spec.model, seed=spec.training.seed + 1)  # other weights: the load must replace them all
 engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, spec, 1e-3), config=config)
-ckpt = run_dir / runs.CHECKPOINT_DIR
+ckpt = run_dir / facts.CHECKPOINT_DIR
 found = checkpoint.find_resumable(ckpt, rank=0, world=1)
 saved, converted = universal.load_for_resume(
     engine, ckpt, found.tag, found.manifest, zero_stage=spec.deepspeed.zero_stage, rank=0, world_size=1
@@ -112,7 +112,7 @@ def test_two_rank_checkpoint_loads_on_one_rank_exactly(tmp_path, stage):
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    (run_dir,) = [p for p in tmp_path.iterdir() if (p / runs.SPEC_FILE).is_file()]
+    (run_dir,) = [p for p in tmp_path.iterdir() if (p / facts.SPEC_FILE).is_file()]
     one_rank = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     loaded = subprocess.run(
         [sys.executable, "-c", DRIVER, str(run_dir)],
@@ -126,7 +126,7 @@ def test_two_rank_checkpoint_loads_on_one_rank_exactly(tmp_path, stage):
     assert result["step"] == 2 and result["params"] > 0
     assert result["converted"]["from_world_size"] == 2 and result["converted"]["to_world_size"] == 1
     assert result["diffs"] == {"fp32": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
-    ckpt = run_dir / runs.CHECKPOINT_DIR
+    ckpt = run_dir / facts.CHECKPOINT_DIR
     assert (universal.universal_dir(ckpt, "step_2") / universal.MARKER).is_file()
     assert not (ckpt / universal.STRAY_POINTER).exists()
 
@@ -184,7 +184,7 @@ def _wait_ended(env: dict, name: str, job_id: str, timeout_s: float) -> tuple[di
 def _resubmit(run_dir: Path, nodes: int, env: dict) -> str:
     """`sbatch --nodes=N job.sbatch` in the run directory: the documented way to resume on another node count."""
     done = subprocess.run(
-        ["sbatch", "--parsable", f"--nodes={nodes}", runs.SCRIPT_FILE],
+        ["sbatch", "--parsable", f"--nodes={nodes}", facts.SCRIPT_FILE],
         capture_output=True,
         text=True,
         env=env,
@@ -196,7 +196,7 @@ def _resubmit(run_dir: Path, nodes: int, env: dict) -> str:
     meta = runs.read_meta(run_dir)
     runs.update_meta(run_dir, job_ids=[*(meta.get("job_ids") or []), job_id])
     # status tells this job from an older one with the same id by the job name recorded here
-    script = (run_dir / runs.SCRIPT_FILE).read_text()
+    script = (run_dir / facts.SCRIPT_FILE).read_text()
     job_name = re.search(r"^#SBATCH --job-name=(\S+)", script, re.M).group(1)
     runs.append_event(run_dir, "submitted", job_id=job_id, job_name=job_name)
     return job_id
@@ -336,8 +336,8 @@ def test_a_rank_dying_on_one_node_ends_the_whole_job(cluster_env, submitted):
     run_dir = Path(result["run_dir"])
     deadline = time.monotonic() + 600
     while (
-        not (run_dir / runs.PROGRESS_FILE).is_file()
-        or json.loads((run_dir / runs.PROGRESS_FILE).read_text())["step"] < 2
+        not (run_dir / facts.PROGRESS_FILE).is_file()
+        or json.loads((run_dir / facts.PROGRESS_FILE).read_text())["step"] < 2
     ):
         assert time.monotonic() < deadline, "the job never reached step 2"
         time.sleep(0.5)

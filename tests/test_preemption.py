@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcds import runs, slurm
+from hpcds import facts, runs, slurm
 from hpcds.cli.jobs_cmd import StatusSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def final_weights(run_dir: Path) -> dict:
 
     from hpcds.train import checkpoint as ck
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / runs.CHECKPOINT_DIR), tag=ck.tag_for(MAX_STEPS))
+    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / facts.CHECKPOINT_DIR), tag=ck.tag_for(MAX_STEPS))
 
 
 def assert_same_training(reference: Path, resumed: Path) -> None:
@@ -318,7 +318,7 @@ def two_warnings(case: Case) -> None:
     case.signal_and_time_save(restart=0)
     # As if torch had been upgraded between submit and resume: the next start must warn.
     meta = runs.read_meta(case.run_dir)
-    runs.write_json_atomic(case.run_dir / runs.META_FILE, {**meta, "versions": {**meta["versions"], "torch": "0.0"}})
+    runs.write_json_atomic(case.run_dir / facts.META_FILE, {**meta, "versions": {**meta["versions"], "torch": "0.0"}})
     case.signal_and_time_save(restart=1)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcds import runs
+from hpcds import facts, runs
 from hpcds.train import checkpoint as ck
 
 pytestmark = pytest.mark.deepspeed
@@ -91,7 +91,7 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
 def final_weights(run_dir: Path, stage: int) -> dict:
     import torch
 
-    ckpt_dir = run_dir / runs.CHECKPOINT_DIR
+    ckpt_dir = run_dir / facts.CHECKPOINT_DIR
     tag = ck.tag_for(MAX_STEPS)
     if stage == 0:
         states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", weights_only=False)
@@ -145,7 +145,7 @@ def test_sigterm_save_and_resume_is_bit_identical(stage, tmp_path, shared_env, m
         folders = sorted((interrupted / "wandb").glob("offline-run-*"))
         assert len(folders) == 2, folders  # one per trainer start...
         assert all(f.name.endswith(f"-{wandb_id}") for f in folders)  # ...all in the run directory's W&B run
-        assert json.loads((interrupted / runs.PROGRESS_FILE).read_text())["wandb_id"] == wandb_id
+        assert json.loads((interrupted / facts.PROGRESS_FILE).read_text())["wandb_id"] == wandb_id
         # `hpcds sync` finds them, and without a W&B key says what to do instead of failing inside wandb.
         from click.testing import CliRunner
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcds import runs
+from hpcds import facts, runs
 from hpcds.durations import format_short_duration
 from hpcds.train.logging import NullLogger, choose_mode, redacted_config
 from hpcds.train.preempt import Faults, parse_faults
@@ -88,7 +88,7 @@ def test_run_reuse_picks_newest_unfinished_run_with_the_same_spec(tmp_path):
     runs.append_event(first, "train_start", step=0)
     runs.append_event(first, "finished", step=200)
     assert is_finished(first)
-    spec_text = (first / runs.SPEC_FILE).read_text()
+    spec_text = (first / facts.SPEC_FILE).read_text()
     assert find_resumable_run(tmp_path, spec_text) is None  # finished runs are not resumed
     fresh, reused = prepare_run(spec, tmp_path)
     assert fresh != first and not reused
@@ -158,9 +158,9 @@ def test_hpcds_run_ctrl_c_saves_and_the_same_command_resumes(tmp_path):
     first_loss = sum(r["loss"] for r in records[:3]) / 3
     last_loss = sum(r["loss"] for r in records[-3:]) / 3
     assert last_loss < 0.7 * first_loss, (first_loss, last_loss)
-    progress = json.loads((run_dir / runs.PROGRESS_FILE).read_text())
+    progress = json.loads((run_dir / facts.PROGRESS_FILE).read_text())
     assert progress["step"] == 60 and progress["last_checkpoint_step"] == 60 and progress["world_size"] == 2
-    assert list((run_dir / runs.HEARTBEAT_DIR).glob("*.json"))
+    assert list((run_dir / facts.HEARTBEAT_DIR).glob("*.json"))
 
 
 def test_sync_says_when_a_run_has_no_offline_logs(tmp_path):

@@ -18,7 +18,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from hpcds import runs, slurm
+from hpcds import facts, runs, slurm
 from hpcds.cli.common import console, err_console, print_json, runs_root_option, spec_options
 from hpcds.errors import HpcdsError
 from hpcds.slurm.status import (
@@ -56,7 +56,7 @@ def submit(spec, spec_path, runs_root: Path, name, dry_run, check_memory, as_jso
         "name": run_dir.name,
         "job_id": job_id,
         "run_dir": str(run_dir),
-        "script": str(run_dir / runs.SCRIPT_FILE),
+        "script": str(run_dir / facts.SCRIPT_FILE),
         "output": str(run_dir / f"slurm-{job_id or '%j'}.out"),
         "wandb_id": runs.read_meta(run_dir).get("wandb_id"),
     }
@@ -79,7 +79,7 @@ def submit_run(spec, runs_root: Path, *, dry_run: bool = False) -> tuple[Path, s
     hpcds_cmd = hpcds_command()
 
     def files_for(run_dir: Path) -> dict[str, str]:
-        return {**files, runs.SCRIPT_FILE: render_sbatch(pinned, str(run_dir), hpcds_cmd)}
+        return {**files, facts.SCRIPT_FILE: render_sbatch(pinned, str(run_dir), hpcds_cmd)}
 
     meta = {"wandb_id": runs.new_wandb_id(), "spec_name": spec.name}
     run_dir = runs.create_run(runs_root, pinned.name, files_for, meta=meta)
@@ -95,7 +95,7 @@ def submit_run(spec, runs_root: Path, *, dry_run: bool = False) -> tuple[Path, s
 
 def sbatch_run(run_dir: Path) -> str:
     """Submit a run directory's batch script (from inside the run directory) and record the job id."""
-    script = run_dir / runs.SCRIPT_FILE
+    script = run_dir / facts.SCRIPT_FILE
     job_id = slurm.sbatch(script, cwd=run_dir)
     job_ids = [str(j) for j in runs.read_meta(run_dir).get("job_ids") or []]
     runs.update_meta(run_dir, job_ids=[*job_ids, job_id])
@@ -119,12 +119,12 @@ def read_run(run_dir: Path, jobs: dict[str, slurm.JobState]) -> dict[str, Any]:
     one-second budget.
     """
     base = os.fspath(run_dir)
-    events = runs.parse_events(_read_bytes(os.path.join(base, runs.EVENTS_FILE)) or b"")
-    progress = _load_json(_read_bytes(os.path.join(base, runs.PROGRESS_FILE)))
+    events = runs.parse_events(_read_bytes(os.path.join(base, facts.EVENTS_FILE)) or b"")
+    progress = _load_json(_read_bytes(os.path.join(base, facts.PROGRESS_FILE)))
     progress = progress if isinstance(progress, dict) else None
     meta: Any = {}
     if not any(e["event"] == "submitted" for e in events) or not (progress or {}).get("wandb_id"):
-        meta = _load_json(_read_bytes(os.path.join(base, runs.META_FILE)))
+        meta = _load_json(_read_bytes(os.path.join(base, facts.META_FILE)))
         meta = meta if isinstance(meta, dict) else {}
     job_id = latest_job_id(meta, events)
     job = jobs.get(job_id) if job_id else None
@@ -134,7 +134,7 @@ def read_run(run_dir: Path, jobs: dict[str, slurm.JobState]) -> dict[str, Any]:
     heartbeats = {}
     if may_run:
         try:
-            with os.scandir(os.path.join(base, runs.HEARTBEAT_DIR)) as entries:
+            with os.scandir(os.path.join(base, facts.HEARTBEAT_DIR)) as entries:
                 for entry in entries:
                     if entry.name.endswith(".json"):
                         beat = _load_json(_read_bytes(entry.path))

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from hpcds import facts
 from hpcds.cli.common import runs_root_option, spec_options
 from hpcds.errors import HpcdsError
 from hpcds.spec import JobSpec
@@ -32,9 +33,9 @@ def write_run_dir(spec: JobSpec, runs_root: Path, meta: dict[str, Any] | None = 
     def files_for(run_dir: Path) -> dict[str, str]:
         script = render_sbatch(pinned, str(run_dir), hpcds_command())
         return {
-            runs.SPEC_FILE: files["spec.yaml"],
-            runs.DS_CONFIG_FILE: files["ds_config.json"],
-            runs.SCRIPT_FILE: script,
+            facts.SPEC_FILE: files["spec.yaml"],
+            facts.DS_CONFIG_FILE: files["ds_config.json"],
+            facts.SCRIPT_FILE: script,
         }
 
     full_meta = {"wandb_id": runs.new_wandb_id(), "spec_name": spec.name, **(meta or {})}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from hpcds import runs
+from hpcds import facts, runs
 from hpcds.cli.common import console, runs_root_option, spec_options
 from hpcds.errors import CommandError, HpcdsError
 from hpcds.facts import EXIT_REQUEUE
@@ -54,7 +54,7 @@ def find_resumable_run(root: Path, spec_text: str) -> Path | None:
     """The newest unfinished run under `root` whose resolved spec.yaml is exactly `spec_text`."""
     for run_dir in reversed(runs.list_runs(root)):
         try:
-            same = (run_dir / runs.SPEC_FILE).read_text() == spec_text
+            same = (run_dir / facts.SPEC_FILE).read_text() == spec_text
         except OSError:
             continue
         if same and not is_finished(run_dir):
@@ -68,7 +68,7 @@ def prepare_run(spec, root: Path, *, new: bool = False) -> tuple[Path, bool]:
 
     pinned, files = render_run_files(spec)
     if not new:
-        found = find_resumable_run(root, files[runs.SPEC_FILE])
+        found = find_resumable_run(root, files[facts.SPEC_FILE])
         if found is not None:
             return found, True
     run_dir = runs.create_run(
@@ -117,7 +117,7 @@ def run_command(spec, spec_path, ranks, new, runs_root):
     raise HpcdsError(
         f"training exited with code {code}"
         + (f": {message}" if message else "")
-        + f"\nhint: the ranks' output is above; events are in {run_dir / runs.EVENTS_FILE}"
+        + f"\nhint: the ranks' output is above; events are in {run_dir / facts.EVENTS_FILE}"
     )
 
 
