@@ -430,10 +430,15 @@ def test_checked_in_hostfiles_parse_with_deepspeed():
 # The real thing: the rendered script under the project's local two-node Slurm cluster
 
 FAKE_LAUNCH = """#!/bin/bash
-# Stands in for `hpcds launch RUN_DIR` on each node: logs what it got, asks for a requeue on the first run.
+# Stands in for `hpcds launch RUN_DIR` on each node: logs what it got, asks for a requeue on the first run the way the
+# trainer does (its rank 0 logs `stopped` before any rank exits 75).
 restart=${SLURM_RESTART_COUNT:-0}
 printf '%s restart=%s argv=%s probe=%s\\n' "$(hostname)" "$restart" "$*" "$HPCDS_PROBE" >>"$2/launch.log"
-[ "$restart" = 0 ] && exit 75
+if [ "$restart" = 0 ]; then
+  [ "$SLURM_NODEID" = 0 ] && printf '{"time": 0, "event": "stopped", "step": 1}\\n' >>"$2/events.jsonl"
+  sleep 1
+  exit 75
+fi
 exit 0
 """
 
@@ -471,12 +476,18 @@ def test_real_slurm_runs_the_script_and_requeues_on_75(slurm_cluster, tmp_path):
             if [e["event"] for e in events].count("exited") >= 2:
                 break
             time.sleep(1)
+        stops = [e for e in events if e["event"] == "stopped"]
+        events = [e for e in events if e["event"] != "stopped"]
         assert [e["event"] for e in events] == ["started", "exited", "requeue", "started", "exited"], events
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
+    assert len(stops) == 1
     assert {e["job_id"] for e in events} == {job_id}
     assert [e["restart"] for e in events] == [0, 0, 0, 1, 1]
-    assert events[1]["rc"] == 75 and events[4]["rc"] == 0
+    # srun reports 75, or the kill of the other node's task when the first 75 made it end the step
+    # (--kill-on-bad-exit): either way the `stopped` logged in this allocation makes it a requeue.
+    assert events[1]["class"] == "requeued" and events[1]["rc"] != 0
+    assert events[4]["rc"] == 0 and events[4]["class"] == "finished"
     assert events[0]["nodes"] and all(c.isalnum() or c in "[]-," for c in events[0]["nodes"])
     launches = sorted((run_dir / "launch.log").read_text().splitlines())
     expected = [
