@@ -83,6 +83,7 @@ def submitted(slurm_cluster):
         subprocess.run(["scancel", job_id], capture_output=True, check=False)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         group = "slurm" if item.get_closest_marker("slurm") else item.module.__name__

@@ -61,7 +61,7 @@ from pathlib import Path
 import deepspeed, torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from hpcds import runs
+from hpcds import facts, runs
 from hpcds.spec import load_spec
 from hpcds.train import checkpoint, models, universal
 from hpcds.train.__main__ import make_optimizer
