@@ -143,7 +143,8 @@ def bucket_bytes(spec: JobSpec, strategy: Strategy, params: ParamCount) -> int:
     a prefetch bucket.
     """
     raw = spec.deepspeed.config.get("zero_optimization")
-    zero = {**zero_buckets(spec, strategy.stage), **(raw if isinstance(raw, dict) else {})}
+    set_by_user = {k: v for k, v in raw.items() if v != "auto"} if isinstance(raw, dict) else {}  # "auto": ours
+    zero = {**zero_buckets(spec, strategy.stage), **set_by_user}
     w = 4 if spec.training.precision == "fp32" else 2
 
     def elements(key: str) -> int:

@@ -1,7 +1,8 @@
 """The DeepSpeed JSON config of a run: a pure function of a spec whose ZeRO stage is pinned. No I/O here.
 
 The communication buckets come from the planner (`hpcds.plan.memory.zero_buckets`), so the memory it plans is the
-memory the config asks for; `deepspeed.config` is merged last and wins.
+memory the config asks for. The user's own `deepspeed.config` is merged last and wins, except that its `"auto"` values
+take hpcds's (hpcds.spec.ds_config); by then its settings that the spec also holds equal the spec's.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from hpcds.errors import HpcdsError
+from hpcds.errors import HpcdsError, Problem, SpecError
 from hpcds.plan.memory import zero_buckets
-from hpcds.spec import deep_merge
+from hpcds.spec.ds_config import AUTO, resolve_auto
 
 if TYPE_CHECKING:
     from hpcds.spec import JobSpec
@@ -58,7 +59,20 @@ def render_ds_config(spec: JobSpec) -> dict[str, Any]:
     if ds.offload_optimizer != "none":
         # DeepSpeed refuses a client optimizer with ZeRO-Offload unless told that this is on purpose.
         config["zero_force_ds_cpu_optimizer"] = False
-    return deep_merge(config, ds.config)
+    merged, problems = resolve_auto(config, ds.config, spec)
+    batch = ds.config.get("train_batch_size", AUTO)
+    if batch != AUTO and batch != spec.global_batch_size:
+        problems.append(
+            Problem(
+                "deepspeed.config.train_batch_size",
+                f"is {batch}, but micro batch {training.micro_batch_size} x accumulation {training.grad_accum_steps} "
+                f"x {spec.world_size} ranks = {spec.global_batch_size}",
+                '"auto" (hpcds computes it for the node count), or change training.micro_batch_size / grad_accum_steps',
+            )
+        )
+    if problems:
+        raise SpecError(problems)
+    return merged
 
 
 def _zero_config(spec: JobSpec, stage: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ so the renderer never has to guess. No I/O here except `load_spec`, which reads 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError, Validat
 from hpcds.durations import parse_slurm_time_s
 from hpcds.errors import Problem, SpecError
 from hpcds.facts import SECRET_NAME
+from hpcds.spec.ds_config import merge_raw_config
 from hpcds.spec.model import ModelSpec
 from hpcds.spec.presets import PRESETS
 from hpcds.spec.types import (
@@ -120,7 +122,10 @@ class DeepSpeedSpec(Strict):
     offload_params: Offload = Field("none", description="Where parameters live between uses (ZeRO 3 only).")
     nvme_path: SafeStr | None = Field(None, description="Local NVMe folder for nvme offload.")
     config: dict[str, Any] = Field(
-        default={}, description="Raw DeepSpeed config merged last (anything DeepSpeed accepts)."
+        default={},
+        description="Your own DeepSpeed config, or the path of its JSON/YAML file (relative to the spec's folder). "
+        "Its stage, offloads, precision, batch sizes, clipping, optimizer and scheduler numbers are read into the "
+        'spec (a conflict with a field you set is an error); "auto" takes the spec\'s value; the rest is merged last.',
     )
 
     @model_validator(mode="after")
@@ -388,7 +393,8 @@ def validate_spec(tree: dict, source: str = "") -> JobSpec:
 
 
 def build_tree(yaml_tree: dict, sets: list[str] = (), flags: dict[str, Any] | None = None) -> dict:
-    """Layer preset < YAML < --set < CLI flags into one plain dict (not yet validated)."""
+    """Layer preset < YAML < --set < CLI flags into one plain dict (not yet validated), with the settings of a raw
+    DeepSpeed config (`deepspeed.config`, already a mapping) moved into the spec's fields (hpcds.spec.ds_config)."""
     over: dict = {}
     for assignment in sets:
         key, value = parse_set(assignment)
@@ -396,7 +402,10 @@ def build_tree(yaml_tree: dict, sets: list[str] = (), flags: dict[str, Any] | No
     for flag, value in (flags or {}).items():
         if value is not None:
             _set_dotted(over, CLI_FLAGS[flag], value)
-    tree = deep_merge(yaml_tree, over)
+    # The raw DeepSpeed config is read into the user's own layers, above the preset: its settings are the user's.
+    tree, problems = merge_raw_config(deep_merge(yaml_tree, over))
+    if problems:
+        raise SpecError(problems)
     preset = tree.get("preset")
     if preset is not None:
         if preset not in PRESETS:
@@ -431,4 +440,31 @@ def load_spec(
             raise SpecError([Problem("", "the top level must be a mapping (key: value lines)", "see configs/")], source)
     if preset is not None:
         yaml_tree = {"preset": preset, "name": preset, **yaml_tree}
+    yaml_tree = _read_ds_config_file(yaml_tree, Path(path).parent if path else Path.cwd(), source)
     return validate_spec(build_tree(yaml_tree, sets, flags), source)
+
+
+def _read_ds_config_file(tree: dict, folder: Path, source: str) -> dict:
+    """`deepspeed.config: FILE` (JSON or YAML; relative to the spec's folder) replaced by the file's mapping."""
+    named = (tree.get("deepspeed") or {}).get("config") if isinstance(tree.get("deepspeed"), dict) else None
+    if not isinstance(named, str):
+        return tree
+    path = folder / Path(named).expanduser()
+    try:
+        text = path.read_text()
+        # JSON first: YAML 1.1 would read 5e8 or 1e-8 (no dot) as strings.
+        loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(
+            [Problem("deepspeed.config", f"{path} is not valid JSON: {exc}", "check the file")], source
+        ) from None
+    except OSError as exc:
+        problem = Problem("deepspeed.config", f"cannot read {path}: {exc.strerror}", "name a DeepSpeed JSON file")
+        raise SpecError([problem], source) from None
+    except yaml.YAMLError as exc:
+        problem = Problem("deepspeed.config", f"{path} is not valid JSON or YAML: {exc}", "check the file")
+        raise SpecError([problem], source) from None
+    if not isinstance(loaded, dict):
+        problem = Problem("deepspeed.config", f"{path} does not hold a mapping", "a DeepSpeed JSON object: {...}")
+        raise SpecError([problem], source)
+    return {**tree, "deepspeed": {**tree["deepspeed"], "config": loaded}}

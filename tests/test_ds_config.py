@@ -1,0 +1,176 @@
+"""A user's own DeepSpeed config: read into the spec, "auto" resolved, conflicts refused; and a corpus of public
+configs (tests/fixtures/ds_configs, sources in its SOURCES.md), each either rendered into a config DeepSpeed's own
+classes accept or refused before submit with the place to fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hpcds.errors import SpecError
+from hpcds.render import render_run_files
+from hpcds.spec import load_spec
+
+CORPUS = Path(__file__).parent / "fixtures" / "ds_configs"
+TINY_GPT2 = {"type": "gpt2", "d_model": 64, "n_layer": 2, "n_head": 2, "vocab_size": 256, "max_seq_len": 64}
+
+
+def write_spec(folder: Path, **sections) -> Path:
+    tree = {"name": "byo", "preset": "quickstart", "model": TINY_GPT2, **sections}
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def problems_of(excinfo) -> dict[str, str]:
+    return {p.path: p.message for p in excinfo.value.problems}
+
+
+def rendered(spec_path: Path, *sets: str):
+    pinned, files = render_run_files(load_spec(spec_path, list(sets)))
+    return pinned, json.loads(files["ds_config.json"])
+
+
+def leaves(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+# What hpcds makes of each public config with the tiny GPT-2 above on 2 CPU ranks: the pinned strategy and precision,
+# or the places it refuses, each a fix the person can make.
+ACCEPTED = {
+    "llamafactory_ds_z0_config.json": (0, "none", "none", "fp32"),
+    "llamafactory_ds_z2_config.json": (2, "none", "none", "fp32"),
+    "llamafactory_ds_z2_offload_config.json": (2, "cpu", "none", "fp32"),
+    "llamafactory_ds_z3_config.json": (3, "none", "none", "fp32"),
+    "llamafactory_ds_z3_offload_config.json": (3, "cpu", "cpu", "fp32"),
+    "transformers_ds_config_zero2.json": (2, "cpu", "none", "fp32"),
+    # 16 sequences a step = the preset's micro batch 8 x 2 ranks; fp16 and the optimizer's lr come from the file.
+    "dsexamples_megatron_ds_zero2_config.json": (2, "none", "none", "fp16"),
+}
+REFUSED = {
+    # A log-shaped warmup of 500 steps: hpcds warms up linearly.
+    "transformers_ds_config_zero3.json": {"deepspeed.config.scheduler.params.warmup_type"},
+    "dsexamples_megatron_ds_zero2_cpu_offload_config.json": {"deepspeed.config.zero_optimization.cpu_offload"},
+    "dsexamples_cifar_ds_config.json": {
+        "deepspeed.config.zero_optimization.cpu_offload",
+        "deepspeed.config.scheduler.params.warmup_type",
+    },
+}
+
+
+def test_the_corpus_is_covered_and_sourced():
+    files = {p.name for p in CORPUS.glob("*.json")}
+    assert files == set(ACCEPTED) | set(REFUSED) and len(files) >= 10
+    sources = (CORPUS / "SOURCES.md").read_text()
+    assert all(f"| {name} |" in sources for name in files)
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
+def test_public_config_renders_what_deepspeed_accepts_and_the_spec_agrees(tmp_path, name):
+    deepspeed_config = pytest.importorskip("deepspeed.runtime.config")
+    raw = json.loads((CORPUS / name).read_text())
+    pinned, ds = rendered(write_spec(tmp_path, deepspeed={"config": str(CORPUS / name)}))
+    stage, offload_optimizer, offload_params, precision = ACCEPTED[name]
+    ds_spec = pinned.deepspeed
+    assert (ds_spec.zero_stage, ds_spec.offload_optimizer, ds_spec.offload_params) == (
+        stage,
+        offload_optimizer,
+        offload_params,
+    )
+    assert pinned.training.precision == precision
+    # The run's config says what the pinned spec says, nothing is left "auto", and the user's other values stay.
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage
+    assert zero.get("offload_optimizer", {}).get("device", "none") == offload_optimizer
+    assert zero.get("offload_param", {}).get("device", "none") == offload_params
+    assert ds["train_micro_batch_size_per_gpu"] == pinned.training.micro_batch_size
+    assert ds["train_batch_size"] == pinned.global_batch_size
+    assert ds.get("bf16", {}).get("enabled", False) is (precision == "bf16")
+    assert ds.get("fp16", {}).get("enabled", False) is (precision == "fp16")
+    assert "auto" not in dict(leaves(ds)).values()
+    assert "optimizer" not in ds and "scheduler" not in ds  # the trainer's own AdamW and schedule
+    kept = {k: v for k, v in leaves(raw) if v != "auto" and not k.startswith(("optimizer.", "scheduler."))}
+    assert {k: dict(leaves(ds))[k] for k in kept} == kept
+    if stage == 3:  # "auto" buckets take the hidden size's rule, as transformers' integration does
+        assert (zero["reduce_bucket_size"], zero["stage3_param_persistence_threshold"]) == (64 * 64, 640)
+    # DeepSpeed's own classes accept it (outside a process group they count one rank, as the trainer's rewrite of
+    # train_batch_size for the launcher's world size does).
+    deepspeed_config.DeepSpeedConfig({**ds, "train_batch_size": ds["train_batch_size"] // pinned.world_size})
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_public_config_that_cannot_run_as_written_is_refused_with_the_place(tmp_path, name):
+    with pytest.raises(SpecError) as excinfo:
+        rendered(write_spec(tmp_path, deepspeed={"config": str(CORPUS / name)}))
+    assert set(problems_of(excinfo)) == REFUSED[name]
+
+
+def test_raw_settings_fill_unset_spec_fields_and_conflicts_name_both_places(tmp_path):
+    raw = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.5, "bf16": {"enabled": True}}
+    raw["zero_optimization"] = {"stage": 1}
+    pinned, ds = rendered(write_spec(tmp_path, deepspeed={"config": raw}))
+    assert (pinned.training.micro_batch_size, pinned.training.grad_clip, pinned.training.precision) == (4, 0.5, "bf16")
+    assert pinned.deepspeed.zero_stage == 1 and ds["zero_optimization"]["stage"] == 1
+    assert ds["train_batch_size"] == 4 * 2 and ds["bf16"] == {"enabled": True}
+
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(write_spec(tmp_path, deepspeed={"config": raw, "zero_stage": 2}, training={"grad_clip": 1.0}))
+    found = problems_of(excinfo)
+    assert "deepspeed.zero_stage is 2" in found["deepspeed.config.zero_optimization.stage"]
+    assert "training.grad_clip is 1.0" in found["deepspeed.config.gradient_clipping"]
+
+
+def test_fp16_and_bf16_both_on_is_refused(tmp_path):
+    both = {"fp16": {"enabled": True}, "bf16": {"enabled": True}}
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(write_spec(tmp_path, deepspeed={"config": both}))
+    assert "both true" in problems_of(excinfo)["deepspeed.config.fp16.enabled"]
+
+
+def test_a_raw_fp16_section_beside_the_default_precision_makes_one_precision(tmp_path):
+    # Before, the preset's fp32 (or the default bf16) and the raw fp16 section were both enabled.
+    pinned, ds = rendered(write_spec(tmp_path, deepspeed={"config": {"fp16": {"enabled": True, "loss_scale": 0}}}))
+    assert pinned.training.precision == "fp16" and ds["fp16"]["enabled"] is True and "bf16" not in ds
+
+
+def test_config_file_path_is_relative_to_the_spec_and_json_or_yaml(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "z3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    pinned, _ = rendered(write_spec(tmp_path, deepspeed={"config": "ds/z3.json"}))
+    assert pinned.deepspeed.zero_stage == 3
+    (tmp_path / "ds" / "z1.yaml").write_text("zero_optimization:\n  stage: 1\n")
+    assert rendered(write_spec(tmp_path, deepspeed={"config": "ds/z1.yaml"}))[0].deepspeed.zero_stage == 1
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(write_spec(tmp_path, deepspeed={"config": "ds/missing.json"}))
+    assert "cannot read" in problems_of(excinfo)["deepspeed.config"]
+
+
+def test_auto_without_a_value_and_a_wrong_global_batch_are_refused_before_submit(tmp_path):
+    with pytest.raises(SpecError) as excinfo:
+        rendered(write_spec(tmp_path, deepspeed={"config": {"flops_profiler": {"profile_step": "auto"}}}))
+    assert "no value" in problems_of(excinfo)["deepspeed.config.flops_profiler.profile_step"]
+    with pytest.raises(SpecError) as excinfo:  # 16 sequences per step on 2 ranks needs a micro batch of 8
+        rendered(write_spec(tmp_path, deepspeed={"config": {"train_batch_size": 64}}))
+    assert "x 2 ranks = 16" in problems_of(excinfo)["deepspeed.config.train_batch_size"]
+
+
+def test_optimizer_and_scheduler_numbers_become_the_trainers(tmp_path):
+    raw = {
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "weight_decay": 0.0}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 5, "warmup_type": "linear"}},
+    }
+    pinned, ds = rendered(write_spec(tmp_path, deepspeed={"config": raw}))
+    assert "optimizer" not in ds and "scheduler" not in ds
+    training = pinned.training
+    assert (training.lr, training.adam_betas, training.weight_decay) == (1e-3, (0.9, 0.99), 0.0)
+    assert (training.warmup_steps, training.decay, training.min_lr) == (5, "linear", 0.0)
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(write_spec(tmp_path, deepspeed={"config": {"optimizer": {"type": "OneBitLamb", "params": {}}}}))
+    assert "torch's AdamW" in problems_of(excinfo)["deepspeed.config.optimizer.type"]
