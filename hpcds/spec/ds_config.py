@@ -36,6 +36,13 @@ MIRRORED = (
     ("training.warmup_steps", "scheduler.params.warmup_num_steps"),
     ("training.max_steps", "scheduler.params.total_num_steps"),
 )
+INTEGER_FIELDS = {
+    "deepspeed.zero_stage",
+    "training.micro_batch_size",
+    "training.grad_accum_steps",
+    "training.warmup_steps",
+    "training.max_steps",
+}
 # DeepSpeed's schedulers as hpcds's decay after warmup; all of them warm up from warmup_min_lr.
 SCHEDULERS = {"WarmupLR": "constant", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}
 OPTIMIZERS = ("Adam", "AdamW")
@@ -77,8 +84,8 @@ def merge_raw_config(user_tree: dict) -> tuple[dict, list[Problem]]:
     def take(field: str, key: str, value: Any, shown: Any = None) -> None:
         if value is None or value == AUTO:
             return
-        if isinstance(value, float) and value.is_integer() and field != "training.lr":
-            value = int(value)  # JSON writes 5e8 and 1.0 where an integer is meant
+        if field in INTEGER_FIELDS and isinstance(value, float) and value.is_integer():
+            value = int(value)  # JSON files write 1e3 where an integer is meant
         value = tuple(value) if isinstance(value, list) else value
         current = get_path(tree, field)
         if current is None or current == AUTO:  # zero_stage: auto leaves the stage to whoever names one
