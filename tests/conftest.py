@@ -2,11 +2,6 @@
 
 Tests that need it are marked `@pytest.mark.slurm` and skip with the reason when the cluster is not up, except when
 HPCDS_REQUIRE_SLURM=1 (CI sets it): then a missing cluster fails them.
-
-Under pytest-xdist (`scripts/test` runs `-n 2 --dist loadgroup`) the Slurm tests form one group, run one after the
-other by one worker: they share two nodes, and a preemption test's urgent job would preempt another test's job. They
-mostly wait (start-up, requeue delays, paced steps), so the other worker runs the rest meanwhile, a module at a time
-so that module-scoped fixtures (a trained run, a built model) are made once.
 """
 
 from __future__ import annotations
@@ -82,9 +77,3 @@ def submitted(slurm_cluster):
     for job_id in job_ids:
         subprocess.run(["scancel", job_id], capture_output=True, check=False)
 
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = "slurm" if item.get_closest_marker("slurm") else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
