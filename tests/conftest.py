@@ -76,4 +76,3 @@ def submitted(slurm_cluster):
     yield job_ids
     for job_id in job_ids:
         subprocess.run(["scancel", job_id], capture_output=True, check=False)
-

@@ -11,7 +11,8 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from hpcds.spec.job import JobSpec, _find_model
+from hpcds.spec.job import JobSpec
+from hpcds.spec.load import _find_model
 
 
 def _type_name(annotation: typing.Any) -> str:

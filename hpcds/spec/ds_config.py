@@ -17,6 +17,7 @@ import copy
 from typing import Any
 
 from hpcds.errors import Problem
+from hpcds.spec.tree import get_path, set_path
 
 AUTO = "auto"
 RAW = "deepspeed.config"
@@ -54,22 +55,6 @@ RENAMED_ZERO_KEYS = {
 }
 # Optimizer parameters torch's AdamW (the trainer's) has at these values; the spec has no field for them.
 FIXED_OPTIMIZER_PARAMS = {"eps": 1e-8, "adam_w_mode": True, "torch_adam": None}
-
-
-def get_path(tree: dict, dotted: str) -> Any:
-    node: Any = tree
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
-def set_path(tree: dict, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    for key in parents:
-        tree = tree.setdefault(key, {})
-    tree[last] = value
 
 
 def merge_raw_config(user_tree: dict) -> tuple[dict, list[Problem]]:

@@ -1,0 +1,190 @@
+"""Where a spec's values come from: layering (field defaults < preset < YAML < `--set a.b=value` < CLI flags), the
+user's own DeepSpeed config read into it (hpcds.spec.ds_config), and validation that reports every problem at once
+with its dotted path and a hint. No I/O here except `load_spec`, which reads the YAML file it is given and the
+DeepSpeed config file that names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from hpcds.errors import Problem, SpecError
+from hpcds.spec.ds_config import merge_raw_config
+from hpcds.spec.job import JobSpec
+from hpcds.spec.presets import PRESETS
+from hpcds.spec.tree import deep_merge, set_path
+
+CLI_FLAGS = {
+    "nodes": "slurm.nodes",
+    "gpus_per_node": "slurm.gpus_per_node",
+    "partition": "slurm.partition",
+    "time": "slurm.time",
+}
+
+
+def parse_set(assignment: str) -> tuple[str, Any]:
+    """'training.lr=1e-4' -> ('training.lr', 0.0001). The value is read as YAML, so lists and booleans work."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
+        raise SpecError(
+            [
+                Problem(
+                    "--set",
+                    f"{assignment!r} is not KEY=VALUE with a dotted key",
+                    "e.g. --set training.lr=1e-4",
+                )
+            ]
+        )
+    try:
+        # YAML reads '1e-4' as a string; pydantic then parses it as the float a person means.
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _model_at(path: tuple, model: type[BaseModel] | None) -> type[BaseModel] | None:
+    for key in path:
+        if model is None or not isinstance(key, str) or key not in model.model_fields:
+            return None if not isinstance(key, int) else model
+        annotation = model.model_fields[key].annotation
+        model = _find_model(annotation)
+    return model
+
+
+def _find_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _find_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _dotted(loc: tuple) -> str:
+    text = ""
+    for key in loc:
+        if key == "[key]":  # pydantic's marker for a dict key that failed, e.g. slurm.env
+            continue
+        text += f"[{key}]" if isinstance(key, int) else (f".{key}" if text else str(key))
+    return text
+
+
+def _problem_from(error: dict) -> Problem:
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        import difflib
+
+        parent = _model_at(loc[:-1], JobSpec)
+        valid = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = (f"did you mean '{close[0]}'? " if close else "") + (f"valid keys: {', '.join(valid)}" if valid else "")
+        return Problem(_dotted(loc), "unknown key", hint)
+    if kind == "missing":
+        return Problem(_dotted(loc), "is required", "add it to the spec, or use a preset that sets it")
+    message = error["msg"].removeprefix("Value error, ")
+    hint = ""
+    if kind == "literal_error" and loc and loc[-1] == "preset":
+        hint = "presets: " + ", ".join(PRESETS)
+    return Problem(_dotted(loc), message, hint)
+
+
+def validate_spec(tree: dict, source: str = "") -> JobSpec:
+    """Validate a merged spec tree; every problem, field-level and cross-field, in one SpecError."""
+    context: dict[str, list[Problem]] = {"problems": []}
+    problems: list[Problem] = []
+    spec = None
+    try:
+        spec = JobSpec.model_validate(tree, context=context)
+    except ValidationError as exc:
+        problems += [_problem_from(err) for err in exc.errors()]
+    problems += context["problems"]
+    if problems or spec is None:
+        raise SpecError(problems, source)
+    return spec
+
+
+def build_tree(yaml_tree: dict, sets: list[str] = (), flags: dict[str, Any] | None = None) -> dict:
+    """Layer preset < YAML < --set < CLI flags into one plain dict (not yet validated), with the settings of a raw
+    DeepSpeed config (`deepspeed.config`, already a mapping) moved into the spec's fields (hpcds.spec.ds_config)."""
+    over: dict = {}
+    for assignment in sets:
+        key, value = parse_set(assignment)
+        set_path(over, key, value)
+    for flag, value in (flags or {}).items():
+        if value is not None:
+            set_path(over, CLI_FLAGS[flag], value)
+    # The raw DeepSpeed config is read into the user's own layers, above the preset: its settings are the user's.
+    tree, problems = merge_raw_config(deep_merge(yaml_tree, over))
+    if problems:
+        raise SpecError(problems)
+    preset = tree.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            import difflib
+
+            close = difflib.get_close_matches(str(preset), PRESETS, n=1)
+            hint = (f"did you mean '{close[0]}'? " if close else "") + "presets: " + ", ".join(PRESETS)
+            raise SpecError([Problem("preset", f"unknown preset {preset!r}", hint)])
+        tree = deep_merge(PRESETS[preset], tree)
+    return tree
+
+
+def load_spec(
+    path: str | Path | None,
+    sets: list[str] = (),
+    flags: dict[str, Any] | None = None,
+    preset: str | None = None,
+) -> JobSpec:
+    """Read a YAML spec (or start from just a preset) and apply --set assignments and CLI flags."""
+    source = str(path) if path else f"preset {preset}"
+    yaml_tree: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise SpecError([Problem("", f"cannot read {path}: {exc.strerror}", "check the path")], source) from None
+        try:
+            yaml_tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise SpecError([Problem("", f"not valid YAML: {exc}", "check indentation and quoting")], source) from None
+        if not isinstance(yaml_tree, dict):
+            raise SpecError([Problem("", "the top level must be a mapping (key: value lines)", "see configs/")], source)
+    if preset is not None:
+        yaml_tree = {"preset": preset, "name": preset, **yaml_tree}
+    yaml_tree = _read_ds_config_file(yaml_tree, Path(path).parent if path else Path.cwd(), source)
+    return validate_spec(build_tree(yaml_tree, sets, flags), source)
+
+
+def _read_ds_config_file(tree: dict, folder: Path, source: str) -> dict:
+    """`deepspeed.config: FILE` (JSON or YAML; relative to the spec's folder) replaced by the file's mapping."""
+    named = (tree.get("deepspeed") or {}).get("config") if isinstance(tree.get("deepspeed"), dict) else None
+    if not isinstance(named, str):
+        return tree
+    path = folder / Path(named).expanduser()
+    try:
+        text = path.read_text()
+        # JSON first: YAML 1.1 would read 5e8 or 1e-8 (no dot) as strings.
+        loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(
+            [Problem("deepspeed.config", f"{path} is not valid JSON: {exc}", "check the file")], source
+        ) from None
+    except OSError as exc:
+        problem = Problem("deepspeed.config", f"cannot read {path}: {exc.strerror}", "name a DeepSpeed JSON file")
+        raise SpecError([problem], source) from None
+    except yaml.YAMLError as exc:
+        problem = Problem("deepspeed.config", f"{path} is not valid JSON or YAML: {exc}", "check the file")
+        raise SpecError([problem], source) from None
+    if not isinstance(loaded, dict):
+        problem = Problem("deepspeed.config", f"{path} does not hold a mapping", "a DeepSpeed JSON object: {...}")
+        raise SpecError([problem], source)
+    return {**tree, "deepspeed": {**tree["deepspeed"], "config": loaded}}
