@@ -22,6 +22,10 @@ import click
 from hpcds import __version__
 from hpcds.errors import HpcdsError
 
+# Every command's own settings, so `-h` works however a command is reached (click caches each command's help option
+# the first time it is asked for: a setting on the group alone made help text depend on what ran first).
+COMMAND_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
 # name -> (module, attribute, first sentence of the command's help, as `hpcds --help` shows it).
 COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
     "render": (
@@ -112,7 +116,7 @@ class LazyGroup(click.Group):
 @click.group(
     cls=LazyGroup,
     lazy_commands=COMMAND_TABLE,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    context_settings={**COMMAND_SETTINGS, "max_content_width": 110},
 )
 @click.version_option(__version__, prog_name="hpcds")
 def cli() -> None:

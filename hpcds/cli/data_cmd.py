@@ -13,16 +13,17 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from hpcds.cli import COMMAND_SETTINGS
 from hpcds.cli.common import console, err_console, print_json
 from hpcds.errors import HpcdsError
 
 
-@click.group("data")
+@click.group("data", context_settings=COMMAND_SETTINGS)
 def data_group() -> None:
     """Prepare training data: tokenized memmaps that `data.train` in a spec points at."""
 
 
-@data_group.command("prepare")
+@data_group.command("prepare", context_settings=COMMAND_SETTINGS)
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option(
     "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder."
@@ -101,7 +102,7 @@ def prepare_command(
     console.print(f"use it in a spec as:  {escape(spec_line)}")
 
 
-@data_group.command("info")
+@data_group.command("info", context_settings=COMMAND_SETTINGS)
 @click.argument("folder", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--sample", "sample_tokens", type=click.IntRange(min=0), default=200, show_default=True,
               help="Decode this many tokens from the start of train.bin.")  # fmt: skip

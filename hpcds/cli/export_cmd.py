@@ -11,10 +11,11 @@ from pathlib import Path
 import click
 
 from hpcds import runs
+from hpcds.cli import COMMAND_SETTINGS
 from hpcds.cli.common import console, runs_root_option
 
 
-@click.command("export")
+@click.command("export", context_settings=COMMAND_SETTINGS)
 @click.argument("run")
 @click.option(
     "--step",

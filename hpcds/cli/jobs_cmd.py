@@ -19,6 +19,7 @@ import click
 from rich.console import Console
 
 from hpcds import facts, runs, slurm
+from hpcds.cli import COMMAND_SETTINGS
 from hpcds.cli.common import console, err_console, print_json, runs_root_option, spec_options
 from hpcds.errors import HpcdsError
 from hpcds.slurm.status import (
@@ -33,7 +34,7 @@ from hpcds.slurm.status import (
 )
 
 
-@click.command()
+@click.command(context_settings=COMMAND_SETTINGS)
 @spec_options
 @runs_root_option
 @click.option("--name", help="Run name prefix (default: the spec's name).")
@@ -258,7 +259,7 @@ def select_runs(runs_root: Path, names: tuple[str, ...]) -> list[Path]:
     return list(dict.fromkeys(selected))
 
 
-@click.command()
+@click.command(context_settings=COMMAND_SETTINGS)
 @click.argument("names", metavar="[RUN]...", nargs=-1)
 @runs_root_option
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of objects, one per run (null where unknown).")
@@ -320,7 +321,7 @@ def log_files(run_dir: Path) -> list[Path]:
     return files
 
 
-@click.command()
+@click.command(context_settings=COMMAND_SETTINGS)
 @click.argument("name", metavar="RUN")
 @runs_root_option
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the job ends (or Ctrl-C).")
@@ -365,7 +366,7 @@ def _copy_from(path: Path, offset: int) -> int:
     return offset + len(chunk)
 
 
-@click.command()
+@click.command(context_settings=COMMAND_SETTINGS)
 @click.argument("name", metavar="RUN")
 @runs_root_option
 def cancel(name, runs_root: Path) -> None:
@@ -384,7 +385,7 @@ def cancel(name, runs_root: Path) -> None:
     console.print(f"cancelled job {job_id} of run {run_dir.name}")
 
 
-@click.command()
+@click.command(context_settings=COMMAND_SETTINGS)
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 def launch(run_dir: Path) -> None:
     """Inside a Slurm job, once per node (srun): write the hostfile and start this node's DeepSpeed ranks."""

@@ -14,6 +14,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from hpcds.cli import COMMAND_SETTINGS
 from hpcds.cli.common import console, print_json, spec_options
 from hpcds.errors import HpcdsError
 from hpcds.plan import GIB, Plan, checkpoint_save_s, plan_job
@@ -297,7 +298,7 @@ def print_plan(spec: JobSpec, gpu_mem_gb: float | None = None, as_json: bool = F
     return plan
 
 
-@click.command("plan")
+@click.command("plan", context_settings=COMMAND_SETTINGS)
 @spec_options
 @click.option(
     "--gpu-mem-gb",

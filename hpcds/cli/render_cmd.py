@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from hpcds import facts
+from hpcds.cli import COMMAND_SETTINGS
 from hpcds.cli.common import runs_root_option, spec_options
 from hpcds.errors import HpcdsError
 from hpcds.spec import JobSpec
@@ -52,7 +53,7 @@ def find_prepared_run(runs_root: Path, job_id: str) -> Path | None:
     return None
 
 
-@click.command()
+@click.command(context_settings=COMMAND_SETTINGS)
 @spec_options
 @click.option("--ds-config", is_flag=True, help="Print the DeepSpeed JSON config instead of the batch script.")
 @click.option(
@@ -90,7 +91,7 @@ def _spec_params_loaded_later(func):
     return func
 
 
-@click.command()
+@click.command(context_settings=COMMAND_SETTINGS)
 @_spec_params_loaded_later
 @runs_root_option
 @click.option(

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from hpcds import facts, runs
+from hpcds.cli import COMMAND_SETTINGS
 from hpcds.cli.common import console, runs_root_option, spec_options
 from hpcds.errors import CommandError, HpcdsError
 from hpcds.facts import EXIT_REQUEUE
@@ -88,7 +89,7 @@ def last_ending(run_dir: Path, since_time: float) -> dict | None:
     return found
 
 
-@click.command("run")
+@click.command("run", context_settings=COMMAND_SETTINGS)
 @spec_options
 @click.option("--ranks", type=click.IntRange(min=1), help="Processes on this machine (default: the spec's ranks).")
 @click.option("--new", is_flag=True, help="Start a fresh run even if an unfinished one with this spec exists.")
@@ -127,7 +128,7 @@ def _wandb_key_available() -> bool:
     return bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in read_netrc_text()
 
 
-@click.command("sync")
+@click.command("sync", context_settings=COMMAND_SETTINGS)
 @click.argument("run")
 @runs_root_option
 def sync_command(run, runs_root):
