@@ -192,37 +192,28 @@ def _check_sections(raw: dict) -> list[Problem]:
     return problems
 
 
-# "auto" values the spec's own DeepSpeed config does not hold, by key path: what they resolve to.
-def _auto_value(path: str, spec) -> Any:
-    precision = spec.training.precision
-    resolvers = {
-        "fp16.enabled": lambda: precision == "fp16",
-        "bf16.enabled": lambda: precision == "bf16",
-        "bfloat16.enabled": lambda: precision == "bf16",
-    }
-    return resolvers[path]() if path in resolvers else None
+# "auto" switches hpcds's own config may leave out: on exactly when the spec trains in that precision.
+AUTO_PRECISION = {"fp16.enabled": "fp16", "bf16.enabled": "bf16", "bfloat16.enabled": "bf16"}
 
 
 def resolve_auto(ours: dict, raw: dict, spec) -> tuple[dict, list[Problem]]:
-    """`raw` merged over `ours` (the config hpcds renders from the spec), `"auto"` leaves keeping ours or resolved
-    from the spec. An "auto" with no value anywhere is a problem; so is one under a bucket size of ZeRO-0, which
-    DeepSpeed's default then takes (dropped, not a problem)."""
+    """`raw` merged over `ours` (the config hpcds renders from the spec), each `"auto"` leaf keeping ours or resolved
+    from the spec. An "auto" with no value anywhere is a problem, except a ZeRO setting under stage 0, which has none
+    to set (dropped: DeepSpeed's default stands)."""
     problems: list[Problem] = []
 
     def merge(base: dict, over: dict, prefix: str) -> dict:
         result = dict(base)
         for key, value in over.items():
             path = f"{prefix}{key}"
-            if isinstance(value, dict) and isinstance(result.get(key), dict):
-                result[key] = merge(result[key], value, path + ".")
-            elif isinstance(value, dict):
-                result[key] = merge({}, value, path + ".")
+            if isinstance(value, dict):
+                result[key] = merge(result[key] if isinstance(result.get(key), dict) else {}, value, path + ".")
             elif value != AUTO:
                 result[key] = value
             elif key in result:
                 continue  # hpcds's own value for it
-            elif (resolved := _auto_value(path, spec)) is not None:
-                result[key] = resolved
+            elif path in AUTO_PRECISION:
+                result[key] = spec.training.precision == AUTO_PRECISION[path]
             elif path.startswith("zero_optimization.") and get_path(ours, "zero_optimization.stage") == 0:
                 continue
             else:
