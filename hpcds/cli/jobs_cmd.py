@@ -74,9 +74,10 @@ def submit(spec, spec_path, runs_root: Path, name, dry_run, check_memory, as_jso
 
 def submit_run(spec, runs_root: Path, *, dry_run: bool = False) -> tuple[Path, str | None]:
     """Create the run directory and (unless dry_run) submit it; no run directory is left behind when sbatch fails."""
-    from hpcds.render import hpcds_command, render_run_files, render_sbatch
+    from hpcds.cli.render_cmd import checked_run_files
+    from hpcds.render import hpcds_command, render_sbatch
 
-    pinned, files = render_run_files(spec)
+    pinned, files = checked_run_files(spec)
     hpcds_cmd = hpcds_command()
 
     def files_for(run_dir: Path) -> dict[str, str]:

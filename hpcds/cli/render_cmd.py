@@ -22,13 +22,29 @@ from hpcds.spec import JobSpec
 PREPARED_JOB_KEY = "prepared_for_job"
 
 
+def checked_run_files(spec: JobSpec) -> tuple[JobSpec, dict[str, str]]:
+    """The pinned spec and the run's files (`hpcds.render.render_run_files`), with DeepSpeed's own verdict on the
+    DeepSpeed config first: what it refuses raises here, before anything is created or queued; keys it would ignore
+    are warned about on stderr."""
+    import json
+
+    from hpcds.deepspeed_check import check_with_deepspeed
+    from hpcds.render import render_run_files
+
+    pinned, files = render_run_files(spec)
+    ignored = check_with_deepspeed(json.loads(files[facts.DS_CONFIG_FILE]), pinned.world_size, spec.name)
+    for problem in ignored:
+        click.echo(f"warning: {problem}", err=True)
+    return pinned, files
+
+
 def write_run_dir(spec: JobSpec, runs_root: Path, meta: dict[str, Any] | None = None) -> tuple[Path, JobSpec]:
     """Pin the strategy and create `<runs_root>/<name>-<stamp>` with spec.yaml, ds_config.json and job.sbatch (which
     calls this interpreter's hpcds by absolute path, so the job needs no activated environment)."""
     from hpcds import runs
-    from hpcds.render import check_run_dir, hpcds_command, render_run_files, render_sbatch
+    from hpcds.render import check_run_dir, hpcds_command, render_sbatch
 
-    pinned, files = render_run_files(spec)
+    pinned, files = checked_run_files(spec)
     check_run_dir(str(Path(runs_root).absolute() / spec.name))  # fail before creating anything
 
     def files_for(run_dir: Path) -> dict[str, str]:

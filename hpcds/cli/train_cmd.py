@@ -65,9 +65,9 @@ def find_resumable_run(root: Path, spec_text: str) -> Path | None:
 
 def prepare_run(spec, root: Path, *, new: bool = False) -> tuple[Path, bool]:
     """(run directory, reused?) for a local run of `spec` (already one node)."""
-    from hpcds.render import render_run_files
+    from hpcds.cli.render_cmd import checked_run_files
 
-    pinned, files = render_run_files(spec)
+    pinned, files = checked_run_files(spec)
     if not new:
         found = find_resumable_run(root, files[facts.SPEC_FILE])
         if found is not None:

@@ -1,0 +1,246 @@
+"""DeepSpeed's own verdict on a run's config before anything is queued or launched.
+
+The rendered ds_config.json goes to DeepSpeed's config classes (`deepspeed.runtime.config.DeepSpeedConfig`, the
+object every engine builds first) in a child process: importing DeepSpeed takes seconds and pulls in torch, which
+login-node commands keep out of their own process. Every refusal comes back as a Problem at its dotted path, all at
+once: the child drops each refused setting and asks again. Keys DeepSpeed never reads are problems too (DeepSpeed
+ignores them without a word, so a misspelt `zero_optimizaton` would silently train without ZeRO); each gets
+"did you mean" from the keys DeepSpeed did look for at that place.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from hpcds.errors import CommandError, Problem, SpecError
+
+RAW = "deepspeed.config"
+# Enough rounds for every refusal a hand-written config holds; each round drops what the last one refused.
+MAX_ROUNDS = 20
+# A key DeepSpeed never reads this close to one it does (difflib's ratio) is a misspelling and refused; a key further
+# from every real one (LLaMA-Factory's `monitor_config`, say) is only reported, since DeepSpeed itself ignores it.
+MISSPELT_RATIO = 0.85
+IGNORED = "is not a setting DeepSpeed reads: it is ignored"
+
+
+def check_with_deepspeed(config: dict[str, Any], world_size: int, source: str = "") -> list[Problem]:
+    """Raise SpecError with every problem DeepSpeed finds in `config` (the run's ds_config.json) for `world_size`
+    ranks; otherwise return the keys it would ignore (to be shown as warnings).
+
+    Verdicts are kept in the user's cache folder by a hash of the config, the world size and DeepSpeed's version:
+    the same config gets the same verdict, without a second DeepSpeed import.
+    """
+    request = json.dumps({"config": config, "world_size": world_size}, sort_keys=True)
+    cached = _cache_file(request)
+    answer = _read_cached(cached)
+    if answer is None:
+        argv = [sys.executable, "-m", "hpcds.deepspeed_check"]
+        result = subprocess.run(argv, input=request, capture_output=True, text=True)
+        if result.returncode != 0 or not result.stdout.strip():
+            raise CommandError(argv, result.returncode, result.stderr[-4000:], hint="is DeepSpeed installed here?")
+        answer = json.loads(result.stdout.splitlines()[-1])
+        _store(cached, answer)
+    found = [Problem(*fields) for fields in answer["problems"]]
+    refused = [problem for problem in found if problem.message != IGNORED]
+    if refused:
+        raise SpecError(found, source or "the run's DeepSpeed config")
+    return found
+
+
+def _cache_file(request: str) -> Path:
+    try:
+        version = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        version = "none"
+    key = hashlib.sha256(f"{version}\n{request}".encode()).hexdigest()
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "hpcds" / "deepspeed-check" / f"{key}.json"
+
+
+def _read_cached(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _store(path: Path, answer: dict) -> None:
+    # Written under a temporary name and renamed: two commands checking at once never read half a verdict.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f"{path.name}.{os.getpid()}.part")
+        part.write_text(json.dumps(answer))
+        os.replace(part, path)
+    except OSError:
+        pass  # no cache folder (read-only home): the verdict is simply asked again next time
+
+
+# ---- the child: runs DeepSpeed's classes ----
+
+
+class _Tracked(dict):
+    """A config mapping that records every key DeepSpeed looks up in it (found or not), nested mappings too."""
+
+    def __init__(self, data: dict, path: str, seen: set[str]):
+        super().__init__({k: _Tracked(v, f"{path}{k}.", seen) if isinstance(v, dict) else v for k, v in data.items()})
+        self._path, self._seen = path, seen
+
+    def _look(self, key: object) -> None:
+        self._seen.add(f"{self._path}{key}")
+
+    def __getitem__(self, key):
+        self._look(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._look(key)
+        return super().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        self._look(key)
+        return super().__contains__(key)
+
+    def pop(self, key, *default):
+        self._look(key)
+        return super().pop(key, *default)
+
+    def keys(self):  # `KEY in d.keys()` is DeepSpeed's common test, and a plain keys view would not record it
+        return _TrackedKeys(self)
+
+
+class _TrackedKeys:
+    def __init__(self, owner: _Tracked):
+        self._owner = owner
+
+    def __contains__(self, key) -> bool:
+        return key in self._owner
+
+    def __iter__(self):
+        return iter(dict.keys(self._owner))
+
+    def __len__(self) -> int:
+        return dict.__len__(self._owner)
+
+
+def _delete(tree: dict, dotted: str) -> bool:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        tree = tree.get(key)
+        if not isinstance(tree, dict):
+            return False
+    return tree.pop(last, None) is not None or last in tree
+
+
+def _section_of(tree: dict, loc: tuple) -> str | None:
+    """The dotted place in `tree` of the mapping a pydantic error's location starts in (the section model's input)."""
+    if not loc:
+        return None
+    found = []
+
+    def walk(node: dict, prefix: str) -> None:
+        if str(loc[0]) in node:
+            found.append(prefix)
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+
+    walk(tree, "")
+    return found[0] if found else None
+
+
+def _field_names(title: str) -> list[str]:
+    """Field names and aliases of DeepSpeed's config model called `title` (pydantic's error title)."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    stack, names = [DeepSpeedConfigModel], []
+    while stack:
+        model = stack.pop()
+        if model.__name__ == title:
+            for name, field in model.model_fields.items():
+                names += [name] + ([field.alias] if field.alias else [])
+        stack += model.__subclasses__()
+    return names
+
+
+def _did_you_mean(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(set(valid)), n=1)
+    return f"did you mean '{close[0]}'?" if close else ""
+
+
+def _pydantic_problems(exc, config: dict) -> tuple[list[Problem], list[str]]:
+    problems, drop = [], []
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"])
+        section = _section_of(config, loc)
+        where = f"{section}{'.'.join(loc)}" if section is not None else ".".join(loc)
+        if error["type"] == "extra_forbidden":
+            message, hint = "is not a DeepSpeed setting here", _did_you_mean(loc[-1], _field_names(exc.title))
+        else:
+            message, hint = f"DeepSpeed refuses {error['input']!r}: {error['msg']}", ""
+        problems.append(Problem(f"{RAW}.{where}", message, hint or "see DeepSpeed's configuration reference"))
+        drop.append(where)
+    return problems, drop
+
+
+def _ignored_keys(config: dict, seen: set[str]) -> list[Problem]:
+    """Top-level keys DeepSpeed never looked up. Only the top level: sections below are either validated by one of
+    DeepSpeed's config models (which refuse unknown keys themselves) or read in part here and in part later by the
+    engine (`optimizer.params`, `data_efficiency`), where an unread key proves nothing."""
+    problems = []
+    for key in config:
+        if key in seen:
+            continue
+        close = difflib.get_close_matches(key, sorted(seen), n=1, cutoff=MISSPELT_RATIO)
+        if close:
+            problems.append(Problem(f"{RAW}.{key}", "is not a DeepSpeed setting", f"did you mean '{close[0]}'?"))
+        else:
+            hint = _did_you_mean(key, sorted(seen)) or "remove it, or check DeepSpeed's configuration reference"
+            problems.append(Problem(f"{RAW}.{key}", IGNORED, hint))
+    return problems
+
+
+def verdict(config: dict, world_size: int) -> list[Problem]:
+    """Every problem DeepSpeed's config classes find in `config` for `world_size` ranks (the child's work)."""
+    import logging
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger
+    from pydantic import ValidationError
+
+    logger.setLevel(logging.ERROR)  # its info lines and deprecation warnings are not the verdict
+    config = json.loads(json.dumps(config))
+    # Outside a process group DeepSpeed counts one rank: give it one rank's share of the global batch.
+    if isinstance(config.get("train_batch_size"), int) and config["train_batch_size"] % world_size == 0:
+        config["train_batch_size"] //= world_size
+    problems: list[Problem] = []
+    for _ in range(MAX_ROUNDS):
+        seen: set[str] = set()
+        try:
+            DeepSpeedConfig(_Tracked(config, "", seen))
+        except ValidationError as exc:
+            found, drop = _pydantic_problems(exc, config)
+            problems += found
+            if not all([_delete(config, where) for where in drop]) or not drop:
+                break
+            continue
+        except Exception as exc:  # DeepSpeed's own checks are asserts and plain exceptions
+            message = str(exc).strip() or exc.__class__.__name__
+            problems.append(Problem(RAW, f"DeepSpeed refuses the config: {message}", "fix the setting it names"))
+            break
+        problems += _ignored_keys(config, seen)
+        break
+    return problems
+
+
+if __name__ == "__main__":
+    request = json.loads(sys.stdin.read())
+    found = verdict(request["config"], request["world_size"])
+    print(json.dumps({"problems": [[p.path, p.message, p.hint] for p in found]}))
