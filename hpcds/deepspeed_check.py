@@ -35,8 +35,8 @@ def check_with_deepspeed(config: dict[str, Any], world_size: int, source: str = 
     """Raise SpecError with every problem DeepSpeed finds in `config` (the run's ds_config.json) for `world_size`
     ranks; otherwise return the keys it would ignore (to be shown as warnings).
 
-    Verdicts are kept in the user's cache folder by a hash of the config, the world size and DeepSpeed's version:
-    the same config gets the same verdict, without a second DeepSpeed import.
+    Verdicts are kept in the user's cache folder by a hash of the config, the world size, DeepSpeed's version and
+    this module's source: the same question gets the same answer, without a second DeepSpeed import.
     """
     request = json.dumps({"config": config, "world_size": world_size}, sort_keys=True)
     cached = _cache_file(request)
@@ -60,7 +60,8 @@ def _cache_file(request: str) -> Path:
         version = importlib.metadata.version("deepspeed")
     except importlib.metadata.PackageNotFoundError:
         version = "none"
-    key = hashlib.sha256(f"{version}\n{request}".encode()).hexdigest()
+    # This module's own source is part of the key: a changed way of judging never reuses an old verdict.
+    key = hashlib.sha256(f"{version}\n{request}".encode() + Path(__file__).read_bytes()).hexdigest()
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "hpcds" / "deepspeed-check" / f"{key}.json"
 

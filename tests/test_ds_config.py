@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hpcds.cli import main
+from hpcds.deepspeed_check import check_with_deepspeed
 from hpcds.errors import SpecError
 from hpcds.render import render_run_files
 from hpcds.spec import load_spec
@@ -54,6 +56,12 @@ ACCEPTED = {
     # 16 sequences a step = the preset's micro batch 8 x 2 ranks; fp16 and the optimizer's lr come from the file.
     "dsexamples_megatron_ds_zero2_config.json": (2, "none", "none", "fp16"),
 }
+# Top-level sections in LLaMA-Factory's files that DeepSpeed 0.19 never reads (its keys are comms_logger and
+# csv_monitor): warned about at submit, not refused, since DeepSpeed itself runs with them.
+IGNORED_BY_DEEPSPEED = {
+    f"llamafactory_ds_{kind}_config.json": {"comms_config", "monitor_config"}
+    for kind in ("z0", "z2", "z2_offload", "z3", "z3_offload")
+}
 REFUSED = {
     # A log-shaped warmup of 500 steps: hpcds warms up linearly.
     "transformers_ds_config_zero3.json": {"deepspeed.config.scheduler.params.warmup_type"},
@@ -74,7 +82,6 @@ def test_the_corpus_is_covered_and_sourced():
 
 @pytest.mark.parametrize("name", sorted(ACCEPTED))
 def test_public_config_renders_what_deepspeed_accepts_and_the_spec_agrees(tmp_path, name):
-    deepspeed_config = pytest.importorskip("deepspeed.runtime.config")
     raw = json.loads((CORPUS / name).read_text())
     pinned, ds = rendered(write_spec(tmp_path, deepspeed={"config": str(CORPUS / name)}))
     stage, offload_optimizer, offload_params, precision = ACCEPTED[name]
@@ -100,9 +107,9 @@ def test_public_config_renders_what_deepspeed_accepts_and_the_spec_agrees(tmp_pa
     assert {k: dict(leaves(ds))[k] for k in kept} == kept
     if stage == 3:  # "auto" buckets take the hidden size's rule, as transformers' integration does
         assert (zero["reduce_bucket_size"], zero["stage3_param_persistence_threshold"]) == (64 * 64, 640)
-    # DeepSpeed's own classes accept it (outside a process group they count one rank, as the trainer's rewrite of
-    # train_batch_size for the launcher's world size does).
-    deepspeed_config.DeepSpeedConfig({**ds, "train_batch_size": ds["train_batch_size"] // pinned.world_size})
+    # DeepSpeed's own classes accept it, as submit asks them; what they would ignore is named, and only that.
+    ignored = check_with_deepspeed(ds, pinned.world_size)
+    assert {p.path.removeprefix("deepspeed.config.") for p in ignored} == IGNORED_BY_DEEPSPEED.get(name, set())
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
@@ -174,3 +181,34 @@ def test_optimizer_and_scheduler_numbers_become_the_trainers(tmp_path):
     with pytest.raises(SpecError) as excinfo:
         load_spec(write_spec(tmp_path, deepspeed={"config": {"optimizer": {"type": "OneBitLamb", "params": {}}}}))
     assert "torch's AdamW" in problems_of(excinfo)["deepspeed.config.optimizer.type"]
+
+
+def test_submit_asks_deepspeed_and_refuses_every_problem_at_once_before_anything_is_created(tmp_path, capsys):
+    raw = {
+        "zero_optimizaton": {"stage": 2},  # misspelt: DeepSpeed would ignore it and train without it
+        "zero_optimization": {"overlap_com": True, "reduce_bucket_size": 0},
+        "fp16": {"enabled": False, "loss_scal": 0},
+        "flops_profiler": {"enabled": False},
+    }
+    spec = write_spec(tmp_path, deepspeed={"config": raw})
+    runs_root = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exited:
+        main(["submit", str(spec), "--dry-run", "--runs-dir", str(runs_root)])
+    assert exited.value.code == 1
+    err = " ".join(capsys.readouterr().err.split())
+    for place, hint in [
+        ("deepspeed.config.zero_optimizaton: is not a DeepSpeed setting", "did you mean 'zero_optimization'?"),
+        ("deepspeed.config.zero_optimization.overlap_com: is not a DeepSpeed setting here", "'overlap_comm'"),
+        ("deepspeed.config.fp16.loss_scal: is not a DeepSpeed setting here", "'loss_scale'"),
+        ("deepspeed.config.zero_optimization.reduce_bucket_size: DeepSpeed refuses 0", "greater than 0"),
+    ]:
+        assert place in err and hint in err.split(place, 1)[1][:200], place
+    assert "Traceback" not in err and not runs_root.exists()
+
+
+def test_keys_deepspeed_ignores_are_warned_about_and_the_run_is_created(tmp_path, capsys):
+    spec = write_spec(tmp_path, deepspeed={"config": {"monitor_config": {"enabled": True}}})
+    main(["submit", str(spec), "--dry-run", "--runs-dir", str(tmp_path / "runs")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert "warning: deepspeed.config.monitor_config: is not a setting DeepSpeed reads: it is ignored" in err
+    assert len(list((tmp_path / "runs").iterdir())) == 1
