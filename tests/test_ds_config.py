@@ -55,6 +55,7 @@ ACCEPTED = {
     "transformers_ds_config_zero2.json": (2, "cpu", "none", "fp32"),
     # 16 sequences a step = the preset's micro batch 8 x 2 ranks; fp16 and the optimizer's lr come from the file.
     "dsexamples_megatron_ds_zero2_config.json": (2, "none", "none", "fp16"),
+    "dsexamples_autotuning_ds_config_fp16_z3.json": (3, "none", "none", "fp16"),
 }
 # Top-level sections in LLaMA-Factory's files that DeepSpeed 0.19 never reads (its keys are comms_logger and
 # csv_monitor): warned about at submit, not refused, since DeepSpeed itself runs with them.
@@ -63,6 +64,8 @@ IGNORED_BY_DEEPSPEED = {
     for kind in ("z0", "z2", "z2_offload", "z3", "z3_offload")
 }
 REFUSED = {
+    # 1-bit Adam: hpcds trains with torch's AdamW.
+    "dsexamples_bingbertsquad_onebitadam_config.json": {"deepspeed.config.optimizer.type"},
     # A log-shaped warmup of 500 steps: hpcds warms up linearly.
     "transformers_ds_config_zero3.json": {"deepspeed.config.scheduler.params.warmup_type"},
     "dsexamples_megatron_ds_zero2_cpu_offload_config.json": {"deepspeed.config.zero_optimization.cpu_offload"},

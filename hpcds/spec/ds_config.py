@@ -135,7 +135,8 @@ def _check_sections(raw: dict) -> list[Problem]:
                     "remove the optimizer section and set training.lr, adam_betas and weight_decay",
                 )
             )
-        params = optimizer.get("params", {}) if isinstance(optimizer, dict) else {}
+        # Another optimizer's parameters are not compared one by one: the type's refusal already covers them.
+        params = optimizer.get("params", {}) if kind in OPTIMIZERS else {}
         for name, value in params.items():
             fixed = FIXED_OPTIMIZER_PARAMS.get(name, AUTO)
             if name in FIXED_OPTIMIZER_PARAMS and value not in (AUTO, fixed):
