@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hpcds.plan.params import ParamCount, attention_widths, is_tied
+from hpcds.plan.params import MAMBA_LAYOUTS, ParamCount, attention_widths, is_tied, layout, mlp_width_per_token
 from hpcds.spec import JobSpec, ModelSpec
 
 GIB = 2**30
@@ -163,11 +163,12 @@ def activation_bytes(model: ModelSpec, micro_batch: int, seq_len: int, precision
     """Activation memory per GPU at its peak (end of forward), logits and loss included. docs/memory.md derives it."""
     b, s, v = micro_batch, seq_len, model.vocab_size
     a = 4 if precision == "fp32" else 2  # bytes per activation element
-    if model.type in ("mamba", "mamba2"):
+    family = layout(model)
+    if family in MAMBA_LAYOUTS:
         d = model.d_model
         di, n = model.expand * d, model.d_state
         norm = 4 * d + 2 * a * d  # fp32 residual input saved by the RMSNorm, its normalised output, in_proj's input
-        if model.type == "mamba":
+        if family == "mamba":
             rank = math.ceil(d / 16)
             # mamba_inner_fn (checkpoint_lvl 1) keeps xz, x_dbl, B and C copies and the scan output; the conv output
             # and delta are recomputed in backward.
@@ -184,7 +185,7 @@ def activation_bytes(model: ModelSpec, micro_batch: int, seq_len: int, precision
     else:
         d = model.d_model or 0
         heads = model.n_head or max(1, d // 128)
-        d_ff = model.d_ff or 4 * d
+        d_ff = mlp_width_per_token(model)  # a mixture of experts: the experts a token is routed to
         # Korthikanti et al. Table 2 (t = 1): sbh(34 + 5as/h) bytes in 16-bit. Split by width: 16-bit tensors are
         # 8 sbh (LayerNorm inputs 2, attention 5, MLP input 1) + 2 sb·d_ff (GeLU in and out) + 2 as²b elements,
         # dropout masks 2 sbh + as²b bytes. At d_ff = 4h and 2 bytes: 32 + 2 = 34 sbh and 4 + 1 = 5 as²b.
@@ -203,17 +204,22 @@ def activation_bytes(model: ModelSpec, micro_batch: int, seq_len: int, precision
 
 
 def flops_per_token(model: ModelSpec, params: ParamCount, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward, no recomputation): 6 per trained weight plus token mixing."""
-    # Lookups cost no FLOPs: GPT-2's position table, and the input embedding when the head is untied (hf).
+    """Training FLOPs per token (forward + backward, no recomputation): 6 per trained weight plus token mixing.
+
+    A mixture of experts counts the parameters a token passes through (`params.active_per_token`), not all of them.
+    """
+    # Lookups cost no FLOPs: GPT-2's position table, and the input embedding when the head is untied.
     untied_embedding = 0 if is_tied(model) else model.vocab_size * (model.d_model or 0)
     lookups = {"gpt2": model.max_seq_len * (model.d_model or 0), "hf": untied_embedding}
-    matmul = params.total - lookups.get(model.type, 0)
+    lookups |= {family: untied_embedding for family in MAMBA_LAYOUTS}
+    matmul = params.active_per_token - lookups.get(model.type, 0)
     # 2 forward + 2 for the input gradient per weight, + 2 for the weight gradient of trainable ones (LoRA: adapters)
     dense = 4 * matmul + 2 * min(params.trainable, matmul)
     d = model.d_model or 0
-    if model.type == "mamba":
+    family = layout(model)
+    if family == "mamba":
         mixing = 9 * model.expand * d * model.d_state  # selective scan forward (Gu & Dao 2023, Sec. 3.3)
-    elif model.type == "mamba2":
+    elif family == "mamba2":
         di = model.expand * d
         mixing = 2 * MAMBA2_CHUNK_SIZE * (model.n_groups * model.d_state + di) + 4 * di * model.d_state
     else:

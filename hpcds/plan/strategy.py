@@ -22,7 +22,7 @@ from hpcds.plan.memory import (
     model_state_bytes,
     parse_mem_bytes,
 )
-from hpcds.plan.params import ParamCount, count_params
+from hpcds.plan.params import MAMBA_LAYOUTS, ParamCount, count_params, layout
 from hpcds.spec import JobSpec
 
 # Least communication first (the order of the DeepSpeed/transformers guide: 0 > 1 > 2 > 2+offload > 3 > 3+offload).
@@ -108,6 +108,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "params": self.params.total,
+            "params_active": self.params.active_per_token,  # a mixture of experts: what one token passes through
             "param_count": asdict(self.params),
             "flops_per_token": self.flops_per_token,
             "gpu_mem_bytes": self.gpu_mem_bytes,
@@ -148,7 +149,7 @@ def plan_job(spec: JobSpec, gpu_mem_gb: float | None = None) -> Plan:
     fixed = Strategy(ds.zero_stage, ds.offload_optimizer != "none", ds.offload_params != "none")
     chosen = next((r for r in rows if r.strategy == fixed), None) if ds.zero_stage != "auto" else None
     notes = []
-    if spec.model.type in ("mamba", "mamba2"):
+    if layout(spec.model) in MAMBA_LAYOUTS:
         notes.append(
             "Mamba activations assume the fused kernels (pip install 'hpcds[gpu]'); the reference path keeps more"
         )

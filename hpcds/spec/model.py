@@ -19,6 +19,14 @@ class LoraSpec(Strict):
     )
 
 
+HfArch = Literal[
+    "llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi", "gptj", "gpt_neox", "mixtral", "qwen2_moe", "qwen3_moe",
+    "mamba", "mamba2",
+]  # fmt: skip
+MOE_ARCHES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FIELDS = ("n_experts", "experts_per_token", "expert_d_ff", "shared_expert_d_ff")
+
+
 class ModelSpec(Strict):
     type: Literal["mamba", "mamba2", "gpt2", "hf"] = Field(description="Architecture family.")
     d_model: int | None = Field(None, ge=1, description="Hidden size.")
@@ -40,32 +48,69 @@ class ModelSpec(Strict):
     d_ff: int | None = Field(None, ge=1, description="GPT-2 / hf: MLP width (default 4 * d_model).")
     tie_embeddings: bool | None = Field(
         None,
-        description="The output head shares the input embedding's weights. mamba, mamba2, gpt2: always (the trainer "
-        "builds them tied); hf: config.json's tie_word_embeddings (default: tied for gemma3, untied otherwise).",
+        description="The output head shares the input embedding's weights. gpt2: always; mamba, mamba2: tied unless "
+        "set to false (falcon-mamba's head is untied); hf: config.json's tie_word_embeddings (default: the "
+        "hf_arch's, tied for gemma2, gemma3 and mamba, untied otherwise).",
     )
-    hf_arch: Literal["llama", "qwen2", "qwen3", "gemma3"] | None = Field(
+    hf_arch: HfArch | None = Field(
         None,
-        description="hf: block layout the planner counts, config.json's model_type: llama (also mistral; default), "
-        "qwen2 (q/k/v biases), qwen3 (q/k norms), gemma3 (q/k norms, four norms per block).",
+        description="hf: block layout the planner counts, from config.json's model_type: llama (also mistral, phi3; "
+        "the default), qwen2 (q/k/v biases), qwen3 (q/k norms), gemma2 (four norms per block), gemma3 (q/k norms, "
+        "four norms), phi (phi-2: biases, one LayerNorm, parallel attention and MLP), gptj (parallel block, MLP "
+        "and head biases), gpt_neox (fused qkv, biases), mixtral, qwen2_moe, qwen3_moe (mixture of experts), "
+        "mamba (also falcon_mamba), mamba2.",
+    )
+    n_experts: int | None = Field(
+        None,
+        ge=1,
+        description="hf mixture of experts: routed experts per block (config.json's num_local_experts or num_experts).",
+    )
+    experts_per_token: int | None = Field(
+        None, ge=1, description="hf mixture of experts: experts each token is routed to (num_experts_per_tok)."
+    )
+    expert_d_ff: int | None = Field(
+        None,
+        ge=1,
+        description="hf mixture of experts: MLP width of one expert (moe_intermediate_size; mixtral: default d_ff).",
+    )
+    shared_expert_d_ff: int | None = Field(
+        None,
+        ge=1,
+        description="hf_arch qwen2_moe: MLP width of the shared expert every token passes "
+        "(shared_expert_intermediate_size).",
+    )
+    n_params: int | None = Field(
+        None,
+        ge=1,
+        description="hf: total parameters (tied weights once, LoRA adapters not included). hpcds sets it from a "
+        "count on the meta device (transformers, in a separate process) when model.path's config.json has a "
+        "model_type the planner has no layout for; set it yourself to skip that count. When set, the planner "
+        "uses it for memory instead of counting the layout.",
     )
     path: SafeStr | None = Field(
         None,
-        description="hf: Hugging Face model name (in the local cache) or local folder. mamba / mamba2 / gpt2: "
-        "optional pretrained weights to start from, of the spec's shape (e.g. GPT-2 XL's).",
+        description="hf: Hugging Face model name (in the local cache) or local folder; a folder's config.json fills "
+        "the shape fields the spec leaves unset. mamba / mamba2 / gpt2: optional pretrained weights to start from, "
+        "of the spec's shape (e.g. GPT-2 XL's); for mamba / mamba2 a folder's config.json fills the unset shape "
+        "fields.",
     )
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights.")
 
     @model_validator(mode="after")
     def _check_shape(self, info: ValidationInfo) -> ModelSpec:
         problems = _problems(info)
-        if self.type in ("mamba", "mamba2", "gpt2"):
+        # mamba / mamba2 with a folder: its config.json gives the shape (hpcds.model_folder fills it in and says so
+        # when it cannot), so only a spec without one must give d_model and n_layer itself.
+        needs_shape = self.type == "gpt2" or (self.type in ("mamba", "mamba2") and not self.path)
+        if needs_shape:
             for field in ("d_model", "n_layer"):
                 if getattr(self, field) is None:
                     problems.append(
                         Problem(
                             f"model.{field}",
                             f"is required for model.type {self.type}",
-                            "set it, or pick a preset (e.g. preset: 1b_mamba)",
+                            "set it, pick a preset (e.g. preset: 1b_mamba), or point model.path at a folder with "
+                            "config.json",
                         )
                     )
         if self.type == "gpt2":
@@ -79,7 +124,7 @@ class ModelSpec(Strict):
                         "choose n_head dividing d_model",
                     )
                 )
-        if self.type == "mamba2" and self.d_model and (self.expand * self.d_model) % self.head_dim:
+        if self._layout() == "mamba2" and self.d_model and (self.expand * self.d_model) % self.head_dim:
             problems.append(
                 Problem(
                     "model.head_dim",
@@ -96,20 +141,61 @@ class ModelSpec(Strict):
                 )
             )
         if self.type == "hf":
-            self._check_attention(problems)
+            if self.hf_arch not in ("mamba", "mamba2"):
+                self._check_attention(problems)
+            self._check_experts(problems)
         else:
-            for field in ("n_kv_head", "attn_head_dim", "hf_arch"):
+            hf_only = ("n_kv_head", "attn_head_dim", "hf_arch", "n_params", *MOE_FIELDS)
+            for field in hf_only:
                 if getattr(self, field) is not None:
                     problems.append(Problem(f"model.{field}", f"applies to model.type hf only, not {self.type}"))
-            if self.tie_embeddings is False:
+            if self.tie_embeddings is False and self.type == "gpt2":
                 problems.append(
                     Problem(
                         "model.tie_embeddings",
-                        f"model.type {self.type} always ties its output head to the embedding",
-                        "remove the line (an untied head is available for model.type hf only)",
+                        "model.type gpt2 always ties its output head to the embedding",
+                        "remove the line (an untied head is available for model.type hf, mamba and mamba2)",
                     )
                 )
         return self
+
+    def _layout(self) -> str:
+        """The block layout counted: the family for built-in types, hf_arch (default llama) for hf."""
+        return (self.hf_arch or "llama") if self.type == "hf" else self.type
+
+    def _check_experts(self, problems: list[Problem]) -> None:
+        arch = self.hf_arch or "llama"
+        if arch not in MOE_ARCHES:
+            for field in MOE_FIELDS:
+                if getattr(self, field) is not None:
+                    problems.append(
+                        Problem(
+                            f"model.{field}",
+                            f"applies to the mixture-of-experts layouts ({', '.join(MOE_ARCHES)}), not hf_arch {arch}",
+                            "remove it, or set model.hf_arch to the model's layout",
+                        )
+                    )
+            return
+        needed = ["n_experts", "experts_per_token"]
+        needed += ["expert_d_ff"] if arch != "mixtral" else []
+        needed += ["shared_expert_d_ff"] if arch == "qwen2_moe" else []
+        for field in needed:
+            if getattr(self, field) is None:
+                problems.append(
+                    Problem(
+                        f"model.{field}", f"is required for hf_arch {arch}", "config.json gives it; see docs/spec.md"
+                    )
+                )
+        if arch != "qwen2_moe" and self.shared_expert_d_ff is not None:
+            problems.append(Problem("model.shared_expert_d_ff", f"hf_arch {arch} has no shared expert"))
+        if self.n_experts and self.experts_per_token and self.experts_per_token > self.n_experts:
+            problems.append(
+                Problem(
+                    "model.experts_per_token",
+                    f"{self.experts_per_token} is more than model.n_experts {self.n_experts}",
+                    "config.json's num_experts_per_tok",
+                )
+            )
 
     def _check_attention(self, problems: list[Problem]) -> None:
         # Spec dumps carry Mamba-2's head_dim default (64) for every type, so only another value is a likely mix-up.
