@@ -33,6 +33,9 @@ CHECKPOINT_DIR = "checkpoints"
 # is not one while HF_TOKEN and WANDB_API_KEY are.
 SECRET_NAME = re.compile(r"(?:^|_)(?:KEY|APIKEY|TOKEN|SECRET|PASSWORD|PASSWD|PASS|CREDENTIALS?)(?:_|$)", re.IGNORECASE)
 
+# A tokenizer name (data.tokenizer, --tokenizer) that starts with this names a local Hugging Face tokenizer folder.
+HF_PREFIX = "hf:"
+
 
 def template_facts() -> dict[str, object]:
     """What the batch-script templates read from here."""

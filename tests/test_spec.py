@@ -266,3 +266,39 @@ model: {type: gpt2, d_model: 64, n_layer: 2, n_head: 4, n_kv_head: 2, attn_head_
     assert "always ties" in found["model.tie_embeddings"]
     tied = load_spec(None, ["model.tie_embeddings=true"], preset="gpt2-xl")  # true is what GPT-2 builds anyway
     assert tied.model.tie_embeddings is True
+
+
+def test_relative_paths_are_the_spec_files_own_from_any_folder(tmp_path, monkeypatch):
+    (tmp_path / "project" / "configs").mkdir(parents=True)
+    (tmp_path / "project" / "models" / "tiny").mkdir(parents=True)
+    spec_path = tmp_path / "project" / "configs" / "job.yaml"
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "paths",
+                "preset": "quickstart",
+                "model": {"path": "../models/tiny"},
+                "data": {"train": ["../data/a", "builtin:stdlib-docs"], "tokenizer": "hf:../tok"},
+                "checkpoint": {"dir": "ckpt"},
+            }
+        )
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    spec = load_spec(spec_path, ["data.val=val-data"])
+    project = tmp_path / "project"
+    assert spec.model.path == str(project / "configs" / "../models/tiny")
+    assert [d.path for d in spec.data.train] == [str(project / "configs" / "../data/a"), "builtin:stdlib-docs"]
+    assert spec.data.tokenizer == "hf:" + str(project / "configs" / "../tok")
+    assert spec.checkpoint.dir == str(project / "configs" / "ckpt")
+    assert [d.path for d in spec.data.val] == [str(elsewhere / "val-data")]  # --set: the current folder's
+
+
+def test_a_hugging_face_name_stays_a_name_unless_such_a_folder_is_beside_the_spec(tmp_path, monkeypatch):
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump({"name": "hub", "model": {"type": "hf", "path": "Qwen/Qwen3-8B"}}))
+    monkeypatch.chdir(tmp_path.parent)
+    assert load_spec(spec_path).model.path == "Qwen/Qwen3-8B"
+    (tmp_path / "Qwen" / "Qwen3-8B").mkdir(parents=True)
+    assert load_spec(spec_path).model.path == str(tmp_path / "Qwen/Qwen3-8B")

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# A tokenizer name that starts with this names a local Hugging Face tokenizer folder.
-HF_PREFIX = "hf:"
+from hpcds.facts import HF_PREFIX
+
+__all__ = ["HF_PREFIX", "Tokenizer"]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ DeepSpeed config file that names.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -15,10 +16,11 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from hpcds.errors import Problem, SpecError
+from hpcds.facts import HF_PREFIX
 from hpcds.spec.ds_config import merge_raw_config
-from hpcds.spec.job import JobSpec
+from hpcds.spec.job import JobSpec, _as_dataset_list
 from hpcds.spec.presets import PRESETS
-from hpcds.spec.tree import deep_merge, set_path
+from hpcds.spec.tree import deep_merge, get_path, set_path
 
 CLI_FLAGS = {
     "nodes": "slurm.nodes",
@@ -160,8 +162,48 @@ def load_spec(
             raise SpecError([Problem("", "the top level must be a mapping (key: value lines)", "see configs/")], source)
     if preset is not None:
         yaml_tree = {"preset": preset, "name": preset, **yaml_tree}
-    yaml_tree = _read_ds_config_file(yaml_tree, Path(path).parent if path else Path.cwd(), source)
-    return validate_spec(build_tree(yaml_tree, sets, flags), source)
+    folder = Path(path).absolute().parent if path else Path.cwd()
+    yaml_tree = _read_ds_config_file(resolve_paths(yaml_tree, folder), folder, source)
+    # What is still relative came from --set or a preset: it means the current folder, as any command-line path does.
+    return validate_spec(resolve_paths(build_tree(yaml_tree, sets, flags), Path.cwd()), source)
+
+
+# Spec fields that name files or folders. A relative one is made absolute against the folder of the YAML file that
+# says it, so a spec means the same from any directory and the run (which starts elsewhere) finds it.
+PATH_FIELDS = ("model.path", "checkpoint.dir", "deepspeed.nvme_path")
+DATASET_LISTS = ("data.train", "data.val")
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "Qwen/Qwen3-8B": a Hugging Face name, not a folder
+
+
+def resolve_paths(tree: dict, folder: Path) -> dict:
+    """`tree` (a raw spec tree) with its relative file and folder paths made absolute against `folder`.
+
+    Left as they are: `builtin:` corpora, tokenizer names, and a `model.path` like `org/name` that is no folder
+    under `folder` (a Hugging Face name in the local cache).
+    """
+    tree = copy.deepcopy(tree)
+
+    def absolute(value: Any) -> Any:
+        if not isinstance(value, str) or not value or value.startswith("builtin:") or Path(value).is_absolute():
+            return value
+        return str(folder / Path(value).expanduser())  # joined to an absolute ~ expansion, folder drops out
+
+    for field in PATH_FIELDS:
+        value = get_path(tree, field)
+        hub_name = field == "model.path" and isinstance(value, str) and HUB_NAME.fullmatch(value)
+        if value is not None and not (hub_name and not (folder / value).exists()):
+            set_path(tree, field, absolute(value))
+    for field in DATASET_LISTS:
+        sources = _as_dataset_list(get_path(tree, field))
+        if isinstance(sources, list):
+            resolved = [{**s, "path": absolute(s.get("path"))} if isinstance(s, dict) else s for s in sources]
+            set_path(tree, field, resolved)
+    tokenizer = get_path(tree, "data.tokenizer")
+    if isinstance(tokenizer, str) and tokenizer.startswith(HF_PREFIX):
+        set_path(tree, "data.tokenizer", HF_PREFIX + absolute(tokenizer.removeprefix(HF_PREFIX)))
+    elif isinstance(tokenizer, str) and tokenizer.endswith(".tiktoken"):
+        set_path(tree, "data.tokenizer", absolute(tokenizer))
+    return tree
 
 
 def _read_ds_config_file(tree: dict, folder: Path, source: str) -> dict:
