@@ -302,3 +302,49 @@ def test_a_hugging_face_name_stays_a_name_unless_such_a_folder_is_beside_the_spe
     assert load_spec(spec_path).model.path == "Qwen/Qwen3-8B"
     (tmp_path / "Qwen" / "Qwen3-8B").mkdir(parents=True)
     assert load_spec(spec_path).model.path == str(tmp_path / "Qwen/Qwen3-8B")
+
+
+def test_another_tools_flat_training_yaml_gets_the_hpcds_field_for_every_key(tmp_path):
+    # The keys of the common Mamba / GPT DeepSpeed training scripts' YAML, flat at the top as they write them.
+    foreign = {
+        "model_type": "mamba",
+        "n_layers": 24,
+        "d_model": 768,
+        "max_seq_length": 1024,
+        "learning_rate": 3e-4,
+        "num_gpus": 4,
+        "batch_size": 8,
+        "gradient_accumulation_steps": 4,
+        "weight_decay": 0.1,
+        "warmup_steps": 100,
+        "num_train_epochs": 3,
+        "output_dir": "out",
+    }
+    path = tmp_path / "foreign.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "preset": "quickstart", **foreign}))
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(path)
+    hints = {p.path: p.hint for p in excinfo.value.problems}
+    assert set(hints) == set(foreign)
+    expected = {
+        "model_type": "model.type",
+        "n_layers": "model.n_layer",
+        "d_model": "under model:",
+        "max_seq_length": "model.max_seq_len",
+        "learning_rate": "training.lr",
+        "num_gpus": "slurm.gpus_per_node",
+        "batch_size": "training.micro_batch_size",
+        "gradient_accumulation_steps": "training.grad_accum_steps",
+        "weight_decay": "under training:",
+        "warmup_steps": "under training:",
+        "num_train_epochs": "training.max_steps",
+        "output_dir": "checkpoint.dir",
+    }
+    assert {key: expected[key] in hints[key] for key in foreign} == dict.fromkeys(foreign, True), hints
+
+
+def test_every_foreign_key_names_a_real_spec_field():
+    from hpcds.spec.foreign import FOREIGN_KEYS
+
+    fields = {field.replace("[]", "") for field, *_ in spec_fields()}
+    assert {target for target, _ in FOREIGN_KEYS.values()} - fields == set()

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from hpcds.errors import Problem, SpecError
 from hpcds.facts import HF_PREFIX
 from hpcds.spec.ds_config import merge_raw_config
+from hpcds.spec.foreign import foreign_hint
 from hpcds.spec.job import JobSpec, _as_dataset_list
 from hpcds.spec.presets import PRESETS
 from hpcds.spec.tree import deep_merge, get_path, set_path
@@ -70,6 +71,17 @@ def _find_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _fields_of(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every field of `model` and the models inside it, dotted."""
+    fields = []
+    for name, info in model.model_fields.items():
+        fields.append(prefix + name)
+        inner = _find_model(info.annotation)
+        if inner is not None:
+            fields += _fields_of(inner, f"{prefix}{name}.")
+    return fields
+
+
 def _dotted(loc: tuple) -> str:
     text = ""
     for key in loc:
@@ -85,6 +97,12 @@ def _problem_from(error: dict) -> Problem:
     if kind == "extra_forbidden":
         import difflib
 
+        elsewhere = [f for f in _fields_of(JobSpec) if f.rsplit(".", 1)[-1] == loc[-1] and "." in f]
+        if elsewhere:  # a spec field, in the wrong section (flat files put everything at the top)
+            return Problem(_dotted(loc), "unknown key here", f"it belongs under {elsewhere[0].rsplit('.', 1)[0]}:")
+        foreign = foreign_hint(str(loc[-1]), _dotted(loc))
+        if foreign:  # another tool's name for a setting the spec has
+            return Problem(_dotted(loc), "unknown key", foreign)
         parent = _model_at(loc[:-1], JobSpec)
         valid = sorted(parent.model_fields) if parent else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
