@@ -16,6 +16,8 @@ from typing import Any
 import click
 
 _CONSOLES = {"console": {}, "err_console": {"stderr": True}}
+# click context meta key: what spec_options filled from the model folder's config.json, for `plan` to print
+SHAPE_NOTES_KEY = "hpcds.shape_notes"
 
 
 def __getattr__(name: str) -> Any:
@@ -29,7 +31,11 @@ def __getattr__(name: str) -> Any:
 
 
 def spec_options(func):
-    """SPEC argument, --preset, repeated --set, and the explicit flags that win over everything."""
+    """SPEC argument, --preset, repeated --set, and the explicit flags that win over everything.
+
+    The loaded spec's unset shape fields are filled from its model folder's config.json (hpcds.model_folder), so
+    every command sees the same model; the notes saying what came from where wait in the click context for `plan`.
+    """
 
     @click.argument("spec_path", metavar="SPEC", required=False, type=click.Path(dir_okay=False, path_type=Path))
     @click.option("--preset", help="Start from a preset instead of (or under) a SPEC file.")
@@ -46,12 +52,16 @@ def spec_options(func):
     @click.option("--time", "time_limit", help="Time limit, e.g. 24:00:00 (slurm.time).")
     @functools.wraps(func)
     def wrapper(*args, spec_path, preset, sets, nodes, gpus_per_node, partition, time_limit, **kwargs):
+        from hpcds.model_folder import with_folder_shape
         from hpcds.spec import load_spec
 
         if spec_path is None and preset is None:
             raise click.UsageError("give a SPEC file or --preset NAME")
         flags = {"nodes": nodes, "gpus_per_node": gpus_per_node, "partition": partition, "time": time_limit}
-        kwargs["spec"] = load_spec(spec_path, list(sets), flags, preset=preset)
+        kwargs["spec"], notes = with_folder_shape(load_spec(spec_path, list(sets), flags, preset=preset))
+        context = click.get_current_context(silent=True)
+        if context is not None:
+            context.meta[SHAPE_NOTES_KEY] = notes
         kwargs["spec_path"] = spec_path
         return func(*args, **kwargs)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from hpcds.errors import HpcdsError
 from hpcds.spec import ModelSpec
+from hpcds.spec.model import MOE_ARCHES, MOE_FIELDS
 
 # peft's default LoRA targets (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) per layout; a layout without one
 # (qwen2_moe, qwen3_moe, mamba) needs model.lora.target_modules, as peft does.
@@ -85,7 +86,7 @@ def attention_widths(model: ModelSpec) -> tuple[int, int, int | None]:
 def mlp_width_per_token(model: ModelSpec) -> int:
     """MLP width one token passes through: d_ff, or for a mixture of experts its experts' and the shared expert's."""
     d_ff = model.d_ff or 4 * (model.d_model or 0)
-    if layout(model) not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+    if layout(model) not in MOE_ARCHES:
         return d_ff
     return model.experts_per_token * (model.expert_d_ff or d_ff) + (model.shared_expert_d_ff or 0)
 
@@ -150,7 +151,7 @@ def _mlp(model: ModelSpec, arch: str) -> dict[str, int]:
         return {"fc_in": d * d_ff + d_ff, "fc_out": d_ff * d + d}
     if arch == "gpt_neox":
         return {"dense_h_to_4h": d * d_ff + d_ff, "dense_4h_to_h": d_ff * d + d}
-    if arch in ("mixtral", "qwen2_moe", "qwen3_moe"):
+    if arch in MOE_ARCHES:
         # transformers 5 holds every expert's gate/up and down weights as two 3-D parameters of one module
         experts, expert_ff = model.n_experts, model.expert_d_ff or d_ff
         block = {"router": d * experts, "experts": experts * 3 * d * expert_ff}
@@ -178,6 +179,12 @@ def _hf_block(model: ModelSpec) -> dict[str, int]:
     """Parameters of one hf decoder block by module (linear layers by their transformers names)."""
     arch = layout(model)
     _hf_sizes(model)
+    given = [f"model.{name}" for name in MOE_FIELDS if getattr(model, name) is not None]
+    if given and arch not in MOE_ARCHES:
+        raise HpcdsError(
+            f"{', '.join(given)} set, but the layout is {arch}\nhint: set model.hf_arch to mixtral, qwen2_moe or "
+            "qwen3_moe (or plan from a local folder whose config.json names it)"
+        )
     return {**_attention(model, arch), **_mlp(model, arch), "norms": _norms(model, arch)}
 
 

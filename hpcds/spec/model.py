@@ -164,7 +164,9 @@ class ModelSpec(Strict):
         return (self.hf_arch or "llama") if self.type == "hf" else self.type
 
     def _check_experts(self, problems: list[Problem]) -> None:
-        arch = self.hf_arch or "llama"
+        if self.hf_arch is None:
+            return  # the folder's config.json names the layout (hpcds.model_folder fills it in, then checks again)
+        arch = self.hf_arch
         if arch not in MOE_ARCHES:
             for field in MOE_FIELDS:
                 if getattr(self, field) is not None:

@@ -5,7 +5,8 @@ folder (its weights, or a fresh init when the folder holds only config.json). We
 alone, without touching the caller's global RNG. Dropout is off everywhere (LoRA's own dropout excepted). Mamba uses
 mamba-ssm's fused CUDA kernels when mamba-ssm and causal-conv1d import on a GPU machine; otherwise transformers'
 reference PyTorch path, and for Mamba-1 the `mambapy` parallel scan, which is many times faster on CPU than the
-sequential scan. Input/output embeddings are tied for every family, as in mamba-ssm and GPT-2.
+sequential scan. Input/output embeddings are tied as in mamba-ssm and GPT-2, except for a mamba / mamba2 spec with
+`model.tie_embeddings: false` (falcon-mamba's head is its own matrix).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def model_config(model):
             conv_kernel=model.d_conv,
             expand=model.expand,
             use_mambapy=not fused_mamba_available() and _importable("mambapy"),
-            tie_word_embeddings=True,
+            tie_word_embeddings=model.tie_embeddings is not False,
         )
     if model.type == "mamba2":
         return Mamba2Config(
@@ -90,7 +91,7 @@ def model_config(model):
             head_dim=model.head_dim,
             num_heads=model.expand * model.d_model // model.head_dim,
             n_groups=model.n_groups,
-            tie_word_embeddings=True,
+            tie_word_embeddings=model.tie_embeddings is not False,
         )
     if model.type == "gpt2":
         return GPT2Config(
@@ -187,14 +188,14 @@ def _local_config(path: str):
         ) from None
 
 
-# The config fields that fix a built-in family's weight shapes: pretrained weights must agree with the spec on them.
+# The config fields that fix a built-in family's weight shapes: pretrained weights must agree with the spec on them
+# (hpcds.spec.hf_config fills the spec's unset fields from the same folder, so a spec that leaves them out agrees).
+# Mamba-1's mixer is config.intermediate_size wide (a file's own value wins over its expand); Mamba-2's is expand · d.
+_SSM_SHAPE = ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel", "tie_word_embeddings")
 SHAPE_FIELDS = {
     "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner"),
-    "mamba": ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel", "expand"),
-    "mamba2": (
-        *("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel", "expand"),
-        *("head_dim", "num_heads", "n_groups"),
-    ),
+    "mamba": (*_SSM_SHAPE, "intermediate_size"),
+    "mamba2": (*_SSM_SHAPE, "expand", "head_dim", "num_heads", "n_groups"),
 }
 
 
