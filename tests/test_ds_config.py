@@ -5,11 +5,15 @@ classes accept or refused before submit with the place to fix."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from hpcds import runs
 from hpcds.cli import main
 from hpcds.deepspeed_check import check_with_deepspeed
 from hpcds.errors import SpecError
@@ -215,3 +219,39 @@ def test_keys_deepspeed_ignores_are_warned_about_and_the_run_is_created(tmp_path
     err = " ".join(capsys.readouterr().err.split())
     assert "warning: deepspeed.config.monitor_config: is not a setting DeepSpeed reads: it is ignored" in err
     assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+@pytest.mark.deepspeed
+def test_llamafactory_zero3_offload_config_drives_a_real_cpu_run(tmp_path):
+    """`hpcds run` with LLaMA-Factory's ZeRO-3 offload file as written: DeepSpeed builds stage 3 with the optimizer
+    and the parameters offloaded (read back from the engine), the run finishes, and the two sections DeepSpeed
+    ignores are named on the way in."""
+    spec = write_spec(
+        tmp_path,
+        deepspeed={"config": str(CORPUS / "llamafactory_ds_z3_offload_config.json")},
+        training={"max_steps": 4, "warmup_steps": 1, "eval_interval_steps": 100},
+        wandb={"mode": "disabled"},
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    result = subprocess.run(
+        [sys.executable, "-m", "hpcds", "run", str(spec), "--runs-dir", str(tmp_path / "runs")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for section in ("comms_config", "monitor_config"):
+        assert f"warning: deepspeed.config.{section}: is not a setting DeepSpeed reads" in result.stderr
+    (run_dir,) = runs.list_runs(tmp_path / "runs")
+    events = runs.read_events(run_dir)
+    (engine,) = [e for e in events if e["event"] == "engine"]
+    assert {k: engine[k] for k in ("zero_stage", "optimizer", "offload_optimizer", "offload_params")} == {
+        "zero_stage": 3,
+        "optimizer": "DeepSpeedZeroOptimizer_Stage3",
+        "offload_optimizer": True,
+        "offload_params": True,
+    }
+    assert [e["step"] for e in events if e["event"] == "finished"] == [4]

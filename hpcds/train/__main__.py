@@ -113,6 +113,8 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     phase("model")
     optimizer = make_optimizer(model, spec, lr_for_spec(0, spec.training))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if rank == 0:
+        runs.append_event(run_dir, "engine", **engine_facts(engine))
     # Dropout is off in every model hpcds builds; per-rank seeds still make any other randomness rank-specific.
     _seed_everything(spec.training.seed + rank)
     phase("engine")
@@ -189,6 +191,19 @@ def _weights_init_skipped(skip: bool):
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights
     return no_init_weights()
+
+
+def engine_facts(engine) -> dict:
+    """What DeepSpeed built, read back from the engine (not from the config it was given)."""
+    built = engine.optimizer
+    return {
+        "zero_stage": engine.zero_optimization_stage(),
+        "optimizer": type(built).__name__,
+        # ZeRO-1/2 keep the flag as cpu_offload, ZeRO-3 as offload_optimizer / offload_param
+        "offload_optimizer": bool(getattr(built, "offload_optimizer", getattr(built, "cpu_offload", False))),
+        "offload_params": bool(getattr(built, "offload_param", False)),
+        "precision": "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32",
+    }
 
 
 def make_optimizer(model, spec, lr: float):
