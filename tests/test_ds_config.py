@@ -255,3 +255,23 @@ def test_llamafactory_zero3_offload_config_drives_a_real_cpu_run(tmp_path):
         "offload_params": True,
     }
     assert [e["step"] for e in events if e["event"] == "finished"] == [4]
+
+
+@pytest.mark.parametrize(
+    "zero, field, message",
+    [
+        (
+            {"stage": 0, "offload_optimizer": {"device": "cpu"}},
+            "deepspeed.offload_optimizer",
+            "needs ZeRO stage 1, 2 or 3",
+        ),
+        ({"stage": 2, "offload_param": {"device": "cpu"}}, "deepspeed.offload_params", "needs ZeRO stage 3, not 2"),
+    ],
+)
+def test_impossible_raw_combinations_are_refused_where_they_were_written(tmp_path, zero, field, message):
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(write_spec(tmp_path, deepspeed={"config": {"zero_optimization": zero}}))
+    device_key = "offload_optimizer" if "optimizer" in field else "offload_param"
+    assert problems_of(excinfo) == {
+        field: f"{message} (as written in deepspeed.config.zero_optimization.{device_key}.device)"
+    }

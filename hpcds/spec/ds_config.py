@@ -100,6 +100,19 @@ def merge_raw_config(user_tree: dict) -> tuple[dict, list[Problem]]:
     return tree, problems
 
 
+def raw_origins(tree: dict) -> dict[str, str]:
+    """Spec field -> the place in `deepspeed.config` its value can come from, for the fields that place sets: a
+    problem found in such a field is reported with where the value was written."""
+    raw = get_path(tree, RAW)
+    if not isinstance(raw, dict):
+        return {}
+    origins = {field: f"{RAW}.{key}" for field, key in reversed(MIRRORED) if get_path(raw, key) not in (None, AUTO)}
+    for name in ("fp16", "bf16"):
+        if get_path(raw, f"{name}.enabled") is True:
+            origins["training.precision"] = f"{RAW}.{name}.enabled"
+    return origins
+
+
 def _precision(raw: dict, problems: list[Problem]) -> str | None:
     enabled = [name for name in ("fp16", "bf16") if get_path(raw, f"{name}.enabled") is True]
     if len(enabled) == 2:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from hpcds.errors import Problem, SpecError
 from hpcds.facts import HF_PREFIX
-from hpcds.spec.ds_config import merge_raw_config
+from hpcds.spec.ds_config import merge_raw_config, raw_origins
 from hpcds.spec.foreign import foreign_hint
 from hpcds.spec.job import JobSpec, _as_dataset_list
 from hpcds.spec.presets import PRESETS
@@ -183,7 +183,16 @@ def load_spec(
     folder = Path(path).absolute().parent if path else Path.cwd()
     yaml_tree = _read_ds_config_file(resolve_paths(yaml_tree, folder), folder, source)
     # What is still relative came from --set or a preset: it means the current folder, as any command-line path does.
-    return validate_spec(resolve_paths(build_tree(yaml_tree, sets, flags), Path.cwd()), source)
+    tree = resolve_paths(build_tree(yaml_tree, sets, flags), Path.cwd())
+    try:
+        return validate_spec(tree, source)
+    except SpecError as exc:
+        origins = raw_origins(tree)  # a value read from the user's DeepSpeed config: say where it was written
+        problems = [
+            Problem(p.path, f"{p.message} (as written in {origins[p.path]})", p.hint) if p.path in origins else p
+            for p in exc.problems
+        ]
+        raise SpecError(problems, source) from None
 
 
 # Spec fields that name files or folders. A relative one is made absolute against the folder of the YAML file that
