@@ -214,3 +214,12 @@ def test_other_commands_see_the_filled_shape(tmp_path):
     zero = json.loads(result.output)["zero_optimization"]
     assert zero["reduce_bucket_size"] == 2048 * 2048
     assert "read from" not in result.output
+
+
+def test_flops_of_a_mixture_of_experts_follow_the_active_parameters(tmp_path):
+    """6 FLOPs per weight a token passes through (its input embedding is a lookup) plus attention's token mixing."""
+    config = _config("Mixtral-8x7B-v0.1")
+    data = _plan(FIXTURES / "Mixtral-8x7B-v0.1", tmp_path, "  max_seq_len: 2048\n")
+    d, vocab, layers = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
+    mixing = 3 * layers * 4 * 2048 * config["num_attention_heads"] * (d // config["num_attention_heads"])
+    assert data["flops_per_token"] == 6 * (data["params_active"] - vocab * d) + mixing
