@@ -348,3 +348,29 @@ def test_every_foreign_key_names_a_real_spec_field():
 
     fields = {field.replace("[]", "") for field, *_ in spec_fields()}
     assert {target for target, _ in FOREIGN_KEYS.values()} - fields == set()
+
+
+FOREIGN_CORPUS = Path(__file__).parent / "fixtures" / "foreign_yaml"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FOREIGN_CORPUS.glob("*.y*ml")))
+def test_public_training_yaml_of_other_tools_gets_the_hpcds_field_for_every_key(name):
+    """LLaMA-Factory's and gpt-neox's own example files, loaded as a spec: each key's problem names the spec field that
+    says the same (which exists), the section it belongs in, or why hpcds has no such setting."""
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(FOREIGN_CORPUS / name)
+    hints = {p.path: p.hint for p in excinfo.value.problems}
+    keys = set(yaml.safe_load((FOREIGN_CORPUS / name).read_text()))
+    assert keys <= set(hints)
+    fields = {field.replace("[]", "") for field, *_ in spec_fields()}
+    for key in keys:
+        named = re.search(
+            r"(?:calls this|as) ((?:model|data|training|deepspeed|checkpoint|slurm|wandb)\.[a-z_.]+)", hints[key]
+        )
+        section = re.search(
+            r"belongs under (\w+):|write it as (deepspeed): \{config|goes inside (deepspeed)\.config", hints[key]
+        )
+        assert (named and named[1] in fields) or section or hints[key].startswith("no counterpart in hpcds: "), (
+            key,
+            hints[key],
+        )

@@ -1,5 +1,5 @@
-"""Keys of other tools' training YAML (Hugging Face TrainingArguments, nanoGPT, Megatron/gpt-neox, the common Mamba
-and GPT DeepSpeed scripts) and the spec field that says the same thing, for the hint on an unknown key. No I/O.
+"""Keys of other tools' training YAML (Hugging Face TrainingArguments, LLaMA-Factory, nanoGPT, Megatron/gpt-neox, the
+common Mamba and GPT DeepSpeed scripts) and what a spec says instead, for the hint on an unknown key. No I/O.
 
 A key is looked up by its own name wherever it appears, since such files are mostly flat. `tests/test_spec.py`
 checks that every field named here exists in the spec.
@@ -90,14 +90,116 @@ FOREIGN_KEYS: dict[str, tuple[str, str]] = {
     **dict.fromkeys(("wandb_project",), ("wandb.project", "")),
     **dict.fromkeys(("wandb_entity",), ("wandb.entity", "")),
     **dict.fromkeys(("report_to",), ("wandb.mode", "online, offline or disabled")),
+    **dict.fromkeys(("cutoff_len",), ("model.max_seq_len", "")),
+    **dict.fromkeys(("finetuning_type",), ("model.lora", "a lora: section for LoRA; none for full fine-tuning")),
+    **dict.fromkeys(("warmup_ratio", "warmup"), ("training.warmup_steps", "a number of steps, not a share of them")),
+    **dict.fromkeys(("lr_decay_iters",), ("training.max_steps", "the decay ends at max_steps")),
+    **dict.fromkeys(("checkpoint_factor",), ("checkpoint.every_steps", "")),
+    **dict.fromkeys(("keep_last_n_checkpoints",), ("checkpoint.keep_last", "")),
+    **dict.fromkeys(("data_impl",), ("data.train", "folders made by `hpcds data prepare`")),
+    **dict.fromkeys(("no_weight_tying", "tie_word_embeddings"), ("model.tie_embeddings", "")),
 }
+
+# Another tool's keys that say something hpcds decides itself or does not do, and why.
+NO_COUNTERPART: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "pipe_parallel_size",
+            "model_parallel_size",
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "sequence_parallel",
+            "output_layer_parallelism",
+        ),
+        "hpcds trains data parallel with ZeRO (deepspeed.zero_stage), without tensor or pipeline parallelism",
+    ),
+    **dict.fromkeys(
+        ("hostfile", "distributed_backend", "ddp_timeout", "master_port", "launcher"),
+        "hpcds writes the hostfile, picks the backend (nccl on GPUs, gloo on CPUs) and starts the ranks itself",
+    ),
+    **dict.fromkeys(
+        ("resume_from_checkpoint", "overwrite_output_dir", "save_only_model", "load"),
+        "hpcds resumes from the run's newest verified checkpoint by itself; model.path starts from other weights",
+    ),
+    **dict.fromkeys(
+        (
+            "template",
+            "stage",
+            "do_train",
+            "max_samples",
+            "val_size",
+            "preprocessing_num_workers",
+            "dataloader_num_workers",
+            "dataset_dir",
+            "split",
+        ),
+        "data is prepared before training by `hpcds data prepare` (chat templates: --messages-field); training is "
+        "causal-LM loss on the prepared tokens",
+    ),
+    **dict.fromkeys(
+        ("trust_remote_code",),
+        "hpcds builds models from transformers' own classes and never runs a model folder's code",
+    ),
+    **dict.fromkeys(("plot_loss", "steps_per_print", "wall_clock_breakdown"), "hpcds logs to the console and W&B"),
+    **dict.fromkeys(
+        (
+            "norm",
+            "pos_emb",
+            "gpt_j_residual",
+            "init_method",
+            "output_layer_init_method",
+            "activation",
+            "num_kv_heads",
+            "bias_gelu_fusion",
+            "rope_fusion",
+            "layernorm_fusion",
+            "scaled_upper_triang_masked_softmax_fusion",
+            "hidden_dropout",
+            "attention_dropout",
+            "synchronize_each_layer",
+            "partition_activations",
+            "checkpoint_num_layers",
+        ),
+        "hpcds builds the architecture of model.type (a Hugging Face folder's config.json for model.type hf), "
+        "without dropout",
+    ),
+}
+
+# DeepSpeed's own top-level keys: in a spec they go inside deepspeed.config.
+DEEPSPEED_KEYS = frozenset(
+    (
+        "zero_optimization",
+        "fp16",
+        "bf16",
+        "optimizer",
+        "scheduler",
+        "zero_allow_untested_optimizer",
+        "activation_checkpointing",
+        "flops_profiler",
+        "tensorboard",
+        "comms_logger",
+        "aio",
+        "amp",
+        "data_efficiency",
+        "communication_data_type",
+        "prescale_gradients",
+        "gradient_predivide_factor",
+        "sparse_gradients",
+        "zero_force_ds_cpu_optimizer",
+        "elasticity",
+        "compile",
+        "csv_monitor",
+    )
+)
 
 
 def foreign_hint(key: str, where: str) -> str:
-    """'this spec's field for it is X' for another tool's key found at dotted place `where`, or ''."""
-    if key not in FOREIGN_KEYS:
-        return ""
-    field, note = FOREIGN_KEYS[key]
-    if field == where:
-        return ""
-    return f"hpcds calls this {field}" + (f" ({note})" if note else "")
+    """What the spec says instead of another tool's key found at dotted place `where`, or ''."""
+    if key in FOREIGN_KEYS and FOREIGN_KEYS[key][0] != where:
+        field, note = FOREIGN_KEYS[key]
+        return f"hpcds calls this {field}" + (f" ({note})" if note else "")
+    if key in DEEPSPEED_KEYS:
+        return f"a DeepSpeed setting: it goes inside deepspeed.config (your DeepSpeed JSON or a mapping): {key}: ..."
+    if key in NO_COUNTERPART:
+        return f"no counterpart in hpcds: {NO_COUNTERPART[key]}"
+    return ""

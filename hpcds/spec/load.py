@@ -114,6 +114,11 @@ def _problem_from(error: dict) -> Problem:
     hint = ""
     if kind == "literal_error" and loc and loc[-1] == "preset":
         hint = "presets: " + ", ".join(PRESETS)
+    elif kind == "model_type" and loc == ("deepspeed",) and isinstance(error.get("input"), str):
+        # LLaMA-Factory and transformers' TrainingArguments name the DeepSpeed JSON right there
+        message, hint = "is a section, not a file name", f"write it as deepspeed: {{config: {error['input']}}}"
+    elif kind == "model_type":
+        message, hint = "is a section, not a value", "its settings go on the indented lines below it"
     return Problem(_dotted(loc), message, hint)
 
 
