@@ -138,6 +138,7 @@ def _folder(tmp_path: Path, config: dict, name: str = "model") -> Path:
         ("Llama-3.1-8B-Instruct", {"attention_bias": True}),  # a setting the llama layout does not count
         ("Qwen3-30B-A3B", {"mlp_only_layers": [0, 47], "num_hidden_layers": 48}),  # dense blocks among the experts
         ("Mistral-7B-Instruct-v0.3", {"model_type": "starcoder2", "architectures": ["Starcoder2ForCausalLM"]}),
+        ("mamba-2.8b-hf", {"time_step_rank": 100}),  # the layout's dt rank is ceil(hidden_size / 16) = 160
     ],
 )
 def test_a_folder_without_a_layout_is_counted_on_the_meta_device(base, change, tmp_path):
