@@ -288,3 +288,89 @@ def test_lora_tiny_config_equals_the_model_its_folder_builds():
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     count = count_params(spec)
     assert (count.total, count.trainable) == (sum(p.numel() for p in model.parameters()), trainable)
+
+
+# Tiny configs of the layouts added for model folders, as config.json would give them (read through the same mapping
+# the CLI uses), with a tied and an untied head each: phi-2 and GPT-J keep their LM head's bias when the weight is tied
+TINY_LAYOUTS = {
+    "phi": {"model_type": "phi", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 48, "vocab_size": 100},
+    "gptj": {"model_type": "gptj", "n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4, "vocab_size": 100},
+    "gpt_neox": {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "intermediate_size": 48, "vocab_size": 100},
+    "gemma2": {"model_type": "gemma2", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 48, "vocab_size": 100},
+    "mixtral": {"model_type": "mixtral", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "intermediate_size": 48, "vocab_size": 100, "num_local_experts": 4,
+                "num_experts_per_tok": 2},
+    "qwen2_moe": {"model_type": "qwen2_moe", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "intermediate_size": 48, "vocab_size": 100, "num_experts": 6,
+                  "num_experts_per_tok": 2, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40},
+    "qwen3_moe": {"model_type": "qwen3_moe", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 48, "vocab_size": 100,
+                  "num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 24},
+    "mamba": {"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 100, "state_size": 8},
+    "mamba2": {"model_type": "mamba2", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 100, "state_size": 8,
+               "head_dim": 16, "num_heads": 4, "n_groups": 2},
+}  # fmt: skip
+
+
+def _layout_spec(config: dict, lora=None) -> ModelSpec:
+    from hpcds.spec.hf_config import read_shape
+
+    shape = read_shape(config)
+    assert shape.arch is not None, shape.departures
+    return ModelSpec(type="hf", path="x", hf_arch=shape.arch, **shape.found, **shape.defaults, lora=lora)
+
+
+def _tiny_model(config: dict):
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("layout", sorted(TINY_LAYOUTS))
+def test_folder_layouts_equal_transformers(layout, tied):
+    config = {**TINY_LAYOUTS[layout], "tie_word_embeddings": tied}
+    model = _tiny_model(config)
+    total = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    count = count_params(_layout_spec(config))
+    assert (count.total, count.largest_layer) == (total, largest)
+
+
+# (layout, targets): peft's defaults where it has them, every adaptable linear layer otherwise
+LORA_ON_LAYOUTS = [
+    ("phi", []),
+    ("phi", ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]),
+    ("gptj", []),
+    ("gptj", ["out_proj", "fc_in", "fc_out"]),
+    ("gpt_neox", []),
+    ("gpt_neox", ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+    ("gemma2", []),
+    ("mixtral", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ("qwen2_moe", ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ("qwen3_moe", ["k_proj", "v_proj"]),
+    ("mamba", ["in_proj", "x_proj", "dt_proj"]),  # peft refuses out_proj and conv1d of Mamba models
+    ("mamba2", ["in_proj"]),
+]
+
+
+@pytest.mark.parametrize(("layout", "targets"), LORA_ON_LAYOUTS)
+def test_lora_on_folder_layouts_equals_peft(layout, targets):
+    peft = pytest.importorskip("peft")
+    config = TINY_LAYOUTS[layout]
+    spec = _layout_spec(config, lora={"r": 4, "target_modules": targets})
+    peft_config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets or None, task_type="CAUSAL_LM")
+    model = peft.get_peft_model(_tiny_model(config), peft_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
+    count = count_params(spec)
+    assert (count.trainable, count.total) == (trainable, total)
+
+
+def test_lora_without_a_peft_default_asks_for_targets():
+    from hpcds.errors import HpcdsError
+
+    with pytest.raises(HpcdsError, match="peft has no default for the qwen3_moe layout"):
+        count_params(_layout_spec(TINY_LAYOUTS["qwen3_moe"], lora={"r": 4}))

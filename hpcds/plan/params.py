@@ -188,13 +188,16 @@ def _hf_block(model: ModelSpec) -> dict[str, int]:
     return {**_attention(model, arch), **_mlp(model, arch), "norms": _norms(model, arch)}
 
 
-def _hf_ends(model: ModelSpec, arch: str) -> tuple[int, int, int]:
-    """(embedding, final norm, output head) parameters of an hf model."""
+def _hf_ends(model: ModelSpec, arch: str) -> tuple[int, int, int, int]:
+    """(embedding, final norm, output head's own parameters, the head module's) of an hf model.
+
+    A tied head owns only its bias, but the module still holds the shared weight, which ZeRO-3 gathers with it.
+    """
     v, d = model.vocab_size, model.d_model
     head_bias = v if arch in ("phi", "gptj") else 0  # their LM heads carry a bias, even when the weight is tied
     head = head_bias + (0 if is_tied(model) else v * d)
     final = 2 * d if arch in ("phi", "gptj", "gpt_neox") else d  # LayerNorm (weight and bias) or RMSNorm
-    return v * d, final, head
+    return v * d, final, head, v * d + head_bias
 
 
 def _layer_modules(model: ModelSpec) -> dict[str, tuple[int, int]]:
@@ -208,10 +211,10 @@ def _layer_modules(model: ModelSpec) -> dict[str, tuple[int, int]]:
         di = model.expand * d
         if arch == "mamba2":
             heads, conv_dim = di // model.head_dim, di + 2 * model.n_groups * model.d_state
-            return {"in_proj": (d, di + conv_dim + heads), "out_proj": (di, d)}
+            return {"in_proj": (d, di + conv_dim + heads)}
+        # peft refuses out_proj and conv1d of Mamba models (its kernels bypass them): not adaptable
         rank = math.ceil(d / 16)
-        return {"in_proj": (d, 2 * di), "x_proj": (di, rank + 2 * model.d_state), "dt_proj": (rank, di),
-                "out_proj": (di, d)}  # fmt: skip
+        return {"in_proj": (d, 2 * di), "x_proj": (di, rank + 2 * model.d_state), "dt_proj": (rank, di)}
     d, _, d_ff = _hf_sizes(model)
     q_width, kv_width, _ = attention_widths(model)
     if arch == "gpt_neox":
@@ -303,8 +306,7 @@ def count_params(model: ModelSpec) -> ParamCount:
         d, n_layer, _ = _hf_sizes(model)
         modules = _hf_block(model)
         layer = sum(modules.values())
-        embedding, norm, head = _hf_ends(model, arch)
-        modules["lm_head"] = head
+        embedding, norm, head, modules["lm_head"] = _hf_ends(model, arch)
         final = norm + head
         if "experts" in modules:  # a token passes experts_per_token of n_experts experts in every block
             idle = modules["experts"] * (model.n_experts - model.experts_per_token) // model.n_experts
