@@ -43,6 +43,11 @@ COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
         "plan",
         "Memory per GPU for each ZeRO stage and offload, and the strategy that fits with the least communication.",
     ),
+    "import": (
+        "hpcds.cli.import_cmd",
+        "import_command",
+        "Write a spec from another tool's training YAML or a DeepSpeed JSON; what cannot be carried over is listed.",
+    ),
     "submit": (
         "hpcds.cli.jobs_cmd",
         "submit",

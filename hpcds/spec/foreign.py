@@ -7,6 +7,8 @@ checks that every field named here exists in the spec.
 
 from __future__ import annotations
 
+from typing import Any
+
 # other tool's key -> (hpcds field, note when the meaning is not one to one)
 FOREIGN_KEYS: dict[str, tuple[str, str]] = {
     **dict.fromkeys(("learning_rate", "lr", "max_lr"), ("training.lr", "")),
@@ -203,3 +205,65 @@ def foreign_hint(key: str, where: str) -> str:
     if key in NO_COUNTERPART:
         return f"no counterpart in hpcds: {NO_COUNTERPART[key]}"
     return ""
+
+
+_PRECISIONS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "no": "fp32", "fp32": "fp32"}
+_DECAYS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
+_MODEL_TYPES = ("mamba", "mamba2", "gpt2")
+
+
+def _converted(key: str, value: Any, field: str, foreign: dict) -> tuple[str, Any] | None:
+    """(field, value) in the spec's terms for one of another tool's settings, or None where it cannot be said."""
+    if key in ("bf16", "fp16"):
+        return (field, key) if value is True else None
+    if field == "training.precision":
+        return (field, _PRECISIONS[str(value).lower()]) if str(value).lower() in _PRECISIONS else None
+    if field == "training.decay":
+        return (field, _DECAYS[value]) if value in _DECAYS else None
+    if field == "model.type":
+        return (field, value if value in _MODEL_TYPES else "hf")
+    if field == "wandb.mode":
+        return {"wandb": (field, "online"), "none": (field, "disabled")}.get(str(value))
+    if field == "model.lora":
+        return (field, {}) if value == "lora" else None
+    if key == "no_weight_tying":
+        return (field, not value) if isinstance(value, bool) else None
+    if field == "model.lora.target_modules":
+        names = value.split(",") if isinstance(value, str) else value
+        return (field, names) if isinstance(names, list) and "all" not in names else None
+    if field == "training.warmup_steps" and isinstance(value, float) and value < 1:
+        steps = foreign.get("max_steps") or foreign.get("train_iters")
+        return (field, round(value * steps)) if isinstance(steps, int) and steps > 0 else None
+    if field in ("training.max_steps",) and (not isinstance(value, int) or value <= 0 or "epoch" in key):
+        return None  # epochs, or -1 for "run the epochs"
+    if field in ("data.train", "data.val", "training.adam_betas", "training.min_lr", "deepspeed.config"):
+        return None  # other tools' dataset names and ratios mean something else; the file is resolved by the caller
+    return field, value
+
+
+def import_tree(foreign: dict) -> tuple[dict, list[str]]:
+    """A spec tree from another tool's flat training YAML, and one note per key it could not carry over (with why).
+
+    The tree is not validated: the caller does, and reports what is left to fill in. A DeepSpeed file named by
+    `deepspeed: FILE` is kept as written (the caller resolves it).
+    """
+    from hpcds.spec.doc import spec_fields
+    from hpcds.spec.tree import set_path
+
+    by_leaf = {field.rsplit(".", 1)[-1]: field for field, _ in spec_fields() if "." in field and "[" not in field}
+    tree: dict = {}
+    notes = []
+    for key, value in foreign.items():
+        if key == "deepspeed" and isinstance(value, str):
+            set_path(tree, "deepspeed.config", value)
+        elif key in DEEPSPEED_KEYS and (isinstance(value, dict) or key not in FOREIGN_KEYS):
+            tree.setdefault("deepspeed", {}).setdefault("config", {})[key] = value
+        elif key in by_leaf:  # the spec's own name, written outside its section
+            set_path(tree, by_leaf[key], value)
+        elif key in ("adam_beta1", "adam_beta2") and {"adam_beta1", "adam_beta2"} <= set(foreign):
+            set_path(tree, "training.adam_betas", [foreign["adam_beta1"], foreign["adam_beta2"]])
+        elif key in FOREIGN_KEYS and (converted := _converted(key, value, FOREIGN_KEYS[key][0], foreign)):
+            set_path(tree, *converted)
+        else:
+            notes.append(f"{key}: {value!r}  # {foreign_hint(key, '') or 'no counterpart in hpcds'}")
+    return tree, notes
