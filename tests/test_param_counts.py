@@ -374,3 +374,16 @@ def test_lora_without_a_peft_default_asks_for_targets():
 
     with pytest.raises(HpcdsError, match="peft has no default for the qwen3_moe layout"):
         count_params(_layout_spec(TINY_LAYOUTS["qwen3_moe"], lora={"r": 4}))
+
+
+def test_every_layout_ties_its_head_as_its_config_class_does():
+    """A spec that names a layout but not tie_embeddings takes the config class's default tie_word_embeddings."""
+    from hpcds.plan.params import is_tied
+    from hpcds.spec.hf_config import HF_LAYOUTS
+
+    experts = {"n_experts": 4, "experts_per_token": 2, "expert_d_ff": 8, "shared_expert_d_ff": 8}
+    for model_type, arch in HF_LAYOUTS.items():
+        needed = {"mixtral": 2, "qwen3_moe": 3, "qwen2_moe": 4}.get(arch, 0)  # the first fields each layout needs
+        moe = dict(list(experts.items())[:needed])
+        spec = ModelSpec(type="hf", path="x", hf_arch=arch, d_model=32, n_layer=1, **moe)
+        assert is_tied(spec) is transformers.AutoConfig.for_model(model_type).tie_word_embeddings, model_type
