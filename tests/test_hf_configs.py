@@ -224,3 +224,32 @@ def test_flops_of_a_mixture_of_experts_follow_the_active_parameters(tmp_path):
     d, vocab, layers = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
     mixing = 3 * layers * 4 * 2048 * config["num_attention_heads"] * (d // config["num_attention_heads"])
     assert data["flops_per_token"] == 6 * (data["params_active"] - vocab * d) + mixing
+
+
+def test_the_table_shows_active_parameters(tmp_path):
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(f"name: x\nmodel:\n  type: hf\n  path: {FIXTURES / 'Qwen3-30B-A3B'}\n")
+    result = CliRunner().invoke(cli, ["plan", str(spec_path)])
+    assert result.exit_code == 0, result.output
+    assert "parameters: 30,532,122,624 (30.53B), active per token 3,353,032,704 (3.35B)" in result.output
+
+
+def test_the_meta_count_keeps_the_login_node_command_light(tmp_path):
+    """The meta-device count runs in a child: `hpcds plan` itself still imports neither torch nor transformers."""
+    import subprocess
+    import sys
+
+    config = {**_config("Mistral-7B-Instruct-v0.3"), "model_type": "starcoder2"}
+    folder = _folder(tmp_path, config)
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(f"name: x\nmodel:\n  type: hf\n  path: {folder}\n")
+    code = (
+        "import json, sys; from hpcds.cli import main\n"
+        f"try: main(['plan', {str(spec_path)!r}, '--json'])\n"
+        "except SystemExit as exc: assert not exc.code, exc.code\n"
+        "heavy = [m for m in ('torch', 'deepspeed', 'transformers', 'wandb') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["params"] == _counts(_meta_model(config))[0]
