@@ -253,3 +253,25 @@ def test_the_meta_count_keeps_the_login_node_command_light(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["params"] == _counts(_meta_model(config))[0]
+
+
+def test_expert_fields_are_checked_with_dotted_paths_and_hints():
+    from hpcds.errors import SpecError
+    from hpcds.spec import load_spec
+
+    def problems(*sets: str) -> str:
+        with pytest.raises(SpecError) as info:
+            load_spec(None, flags={}, sets=["name=x", "model.type=hf", "model.path=/nowhere", *sets])
+        return str(info.value)
+
+    text = problems("model.hf_arch=qwen2_moe", "model.n_experts=8", "model.experts_per_token=9")
+    assert "model.expert_d_ff: is required for hf_arch qwen2_moe" in text
+    assert "model.shared_expert_d_ff: is required for hf_arch qwen2_moe" in text
+    assert "model.experts_per_token: 9 is more than model.n_experts 8" in text and "hint:" in text
+    text = problems("model.hf_arch=llama", "model.n_experts=8")
+    assert "model.n_experts: applies to the mixture-of-experts layouts" in text
+    assert "model.shared_expert_d_ff: hf_arch mixtral has no shared expert" in problems(
+        "model.hf_arch=mixtral", "model.n_experts=8", "model.experts_per_token=2", "model.shared_expert_d_ff=8"
+    )
+    text = problems("model.type=mamba", "model.n_experts=8", "model.tie_embeddings=false", "model.d_model=8")
+    assert "model.n_experts: applies to model.type hf only" in text and "tie_embeddings" not in text

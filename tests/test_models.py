@@ -204,3 +204,18 @@ def test_lora_trains_only_the_adapters():
     assert all(p.grad is not None for _, p in model.named_parameters() if p.requires_grad)
     again = build_model(spec("gpt2", lora=LoraSpec(r=4, alpha=8)), seed=0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_untied_mamba_head_builds_untied_and_its_folder_must_agree(family, tmp_path):
+    """falcon-mamba-style heads: tie_embeddings false builds a head of its own; a pretrained folder's tying must be
+    the spec's, like every other shape field."""
+    untied = build_model(spec(family, tie_embeddings=False), seed=5)
+    assert untied.lm_head.weight.data_ptr() != untied.get_input_embeddings().weight.data_ptr()
+    tied = build_model(spec(family), seed=5)
+    assert tied.lm_head.weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
+    untied.save_pretrained(tmp_path / "untied")
+    started = build_model(spec(family, tie_embeddings=False, path=str(tmp_path / "untied")), seed=0)
+    assert torch.equal(started.lm_head.weight, untied.lm_head.weight)
+    with pytest.raises(HpcdsError, match="tie_word_embeddings: spec True, folder False"):
+        build_model(spec(family, path=str(tmp_path / "untied")), seed=0)
