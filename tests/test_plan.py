@@ -375,6 +375,9 @@ def test_plan_keeps_the_specs_shape_fields_and_reports_differences(tmp_path):
     data = json.loads(CliRunner().invoke(cli, ["plan", str(spec_path), "--json"]).output)
     notes = " | ".join(data["notes"])
     assert "model.n_kv_head is 8 in the spec, 2 in" in notes and "model.tie_embeddings is False" in notes
+    other_layout = _hf_folder(tmp_path, QWEN3_CONFIG, "  hf_arch: llama\n")
+    notes = json.loads(CliRunner().invoke(cli, ["plan", str(other_layout), "--json"]).output)["notes"]
+    assert any("model.hf_arch is llama in the spec, qwen3 in" in note for note in notes)
     # planned as the spec says (multi-head, untied), the rest from config.json
     block = 4 * 64 * 128 + 3 * 64 * 96 + 2 * 16 + 2 * 64
     assert data["params"] == 2 * 300 * 64 + 64 + 2 * block

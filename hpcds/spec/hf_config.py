@@ -263,6 +263,8 @@ def fill_fields(model, shape: ConfigShape, where: str) -> tuple[dict, list[str],
                 notes.append(f"model.{name} is {spec_value} in the spec, {value} in {origin}: planned as set")
     if model.type == "hf" and shape.arch and "hf_arch" not in model.model_fields_set:
         update["hf_arch"] = shape.arch
+    elif model.type == "hf" and shape.arch and model.hf_arch != shape.arch:
+        notes.append(f"model.hf_arch is {model.hf_arch} in the spec, {shape.arch} in {where}: planned as set")
     read = [f"model.{name}" for name in shape.found if name in update]
     read += ["model.hf_arch"] if "hf_arch" in update else []
     if read:
