@@ -266,11 +266,12 @@ def _given_count(model: ModelSpec) -> tuple[int, int]:
     """(total, largest module) for a spec whose total is given (model.n_params, from a meta-device count).
 
     The largest module is not known without the layout: the larger of the embedding and one block's average share
-    of the rest, which no single module of a block can exceed (conservative for ZeRO-3's gathered layer).
+    of the rest, which no module of a block exceeds when the blocks are alike (ZeRO-3 gathers the largest whole).
     """
+    d, n_layer, _ = _hf_sizes(model)  # the activation estimate needs them whatever gives the total
     total = model.n_params
-    embedding = model.vocab_size * (model.d_model or 0)
-    per_block = (total - embedding) // model.n_layer if model.n_layer else total
+    embedding = model.vocab_size * d
+    per_block = (total - embedding) // n_layer
     return total, max(embedding, per_block)
 
 
