@@ -16,6 +16,10 @@ EXIT_REQUEUE = 75
 # Slurm's warning before the time limit (`--signal=USR2@lead`). Not USR1: NCCL uses USR1 internally on some versions.
 WARNING_SIGNAL = "USR2"
 WARNING_SIGNUM = signal.Signals["SIG" + WARNING_SIGNAL]
+# The signals that ask the trainer to save at the next step boundary and exit EXIT_REQUEUE: Slurm's warning, the TERM
+# of requeue / preemption / time limit / scancel, and Ctrl-C. The launcher chain keeps them blocked (DeepSpeed's
+# launchers die or kill the ranks on them); the ranks unblock them once their handler is in place.
+STOP_SIGNUMS = (WARNING_SIGNUM, signal.SIGTERM, signal.SIGINT)
 
 # The run directory's files.
 SPEC_FILE = "spec.yaml"

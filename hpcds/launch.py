@@ -4,13 +4,16 @@ Inside a job, `srun --ntasks-per-node=1 hpcds launch RUN_DIR` runs this once per
 allocation's hosts, computes its own node rank in this process (a `$SLURM_NODEID` expanded by the batch shell would be
 0 on every node), writes the DeepSpeed hostfile `RUN_DIR/hostfile-<jobid>` (every node writes the same text,
 atomically), checks it, logs a `launch` event and replaces itself with `deepspeed --hostfile H --no_ssh --node_rank R`,
-so the node's exit code is DeepSpeed's. SIGUSR2 is blocked first: the mask survives fork and exec, so DeepSpeed's
-launcher (which dies on USR1/USR2) outlives the warning Slurm sends to every process of the step, and the trainer
-ranks unblock it once their flag handler is installed. `deepspeed_argv` is the pure part both paths share.
+so the node's exit code is DeepSpeed's. The stop signals (USR2, TERM, INT) are blocked first: the mask survives fork
+and exec, so DeepSpeed's launchers, which die on USR2 and on TERM kill the ranks 30 s later, never react to the
+signals Slurm sends to every process of the step; the trainer ranks unblock them once their flag handler is
+installed, save at the next step boundary and exit 75, and the launchers exit with them. `deepspeed_argv` is the
+pure part both paths share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from hpcds import runs
 from hpcds.errors import CommandError, HpcdsError
-from hpcds.facts import SPEC_FILE, WARNING_SIGNUM
+from hpcds.facts import SPEC_FILE, STOP_SIGNUMS
 from hpcds.render.hostfile import parse_hostfile, render_hostfile
 
 TRAIN_MODULE = "hpcds.train"
@@ -144,7 +147,7 @@ def launch_node(run_dir: Path, env: Mapping[str, str] | None = None) -> None:
     runs.append_event(
         run_dir, "launch", job_id=job_id, restart=restart, host=hosts[node_rank], node_rank=node_rank, argv=argv
     )
-    signal.pthread_sigmask(signal.SIG_BLOCK, {WARNING_SIGNUM})
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNUMS))
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -162,8 +165,9 @@ def free_port() -> int:
 def launch_local(run_dir: Path, ranks: int) -> int:
     """`hpcds run`: the same DeepSpeed launcher on this machine with `ranks` processes; returns its exit code.
 
-    Ctrl-C reaches every rank through the terminal's process group; we keep waiting so the trainer can save and exit
-    on its own. A second Ctrl-C stops waiting politely and terminates the launcher.
+    Ctrl-C reaches every rank through the terminal's process group, and DeepSpeed's launchers start with it blocked
+    (as under Slurm); we keep waiting so the trainer can save and exit on its own. A second Ctrl-C kills the launcher
+    and the ranks at once.
     """
     run_dir = Path(run_dir).absolute()
     gpu = _slurm_spec(run_dir).gpus_per_node > 0
@@ -176,18 +180,37 @@ def launch_local(run_dir: Path, ranks: int) -> int:
         deepspeed=_deepspeed_executable(),
     )
     runs.append_event(run_dir, "launch", job_id=None, restart=0, host=socket.gethostname(), node_rank=0, argv=argv)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {WARNING_SIGNUM})
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNUMS))
     try:
         process = subprocess.Popen(argv, env=_train_env(os.environ, gpu))
     except OSError as exc:
         raise CommandError(argv, None, str(exc)) from None
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    # A TERM to the whole process group (a `kill` or a batch system outside Slurm) counts as a Ctrl-C here too: this
+    # process waits for the ranks' save instead of dying first.
+    previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     interrupts = 0
-    while True:
-        try:
-            return process.wait()
-        except KeyboardInterrupt:
-            interrupts += 1
-            if interrupts >= 2:
-                process.terminate()
+    try:
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:
+                interrupts += 1
+                if interrupts >= 2:
+                    _kill_tree(process.pid)  # TERM is blocked there: KILL, the launcher and every rank
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()

@@ -199,3 +199,58 @@ def test_loss_is_the_mean_over_targets_and_zero_without_any():
     # A micro-batch whose prompts fill the whole sequence has no target: loss 0 (no gradient), never NaN.
     nothing = loss_of(Engine(), x, torch.full_like(y, -100))
     assert nothing.item() == 0.0 and F.cross_entropy(logits.reshape(-1, 32), torch.full((16,), -100)).isnan()
+
+
+def _start_quickstart(tmp_path: Path, fault: str) -> tuple[subprocess.Popen, Path]:
+    """`hpcds run` of a small quickstart in its own session, once it has logged a step; with HPCDS_TEST_FAULT."""
+    env = {**os.environ, "HPCDS_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1", "HPCDS_TEST_FAULT": fault}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    args = ["run", str(REPO / "configs" / "quickstart.yaml"), "--set", "model.max_seq_len=64"]
+    args += [
+        "--set",
+        "training.max_steps=200",
+        "--set",
+        "training.log_interval_steps=1",
+        "--set",
+        "wandb.mode=disabled",
+    ]
+    process = _cli(args, tmp_path, env, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        found = list((tmp_path / "runs").glob("quickstart-*/losses.jsonl"))
+        if found and found[0].read_text().strip():
+            return process, found[0].parent
+        time.sleep(0.5)
+    process.kill()
+    raise AssertionError("training never started: " + (process.communicate()[0] or "")[-3000:])
+
+
+@pytest.mark.deepspeed
+def test_sigterm_to_every_process_waits_for_a_save_slower_than_deepspeeds_30_s(tmp_path):
+    """As Slurm's requeue / preemption / scancel sends it: TERM to every process at once. DeepSpeed's per-node launcher
+    kills its ranks 30 s after a TERM; here the save takes 35 s more, so only a launcher chain deaf to TERM lets it
+    commit. The ranks save at the step boundary and the run exits 75."""
+    process, run_dir = _start_quickstart(tmp_path, "stop_save_sleep:35")
+    sent = time.time()
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 75, output[-3000:]
+    stopped = [e for e in runs.read_events(run_dir) if e["event"] == "stopped"]
+    assert [e["signal"] for e in stopped] == ["SIGTERM"]
+    saved = [e for e in runs.read_events(run_dir) if e["event"] == "checkpoint" and e["step"] == stopped[0]["step"]]
+    assert saved and saved[0]["time"] - sent > 35, (saved, sent)  # committed after the slow save, not killed in it
+
+
+@pytest.mark.deepspeed
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    process, run_dir = _start_quickstart(tmp_path, "stop_save_sleep:60")
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(2)
+    sent = time.time()
+    os.killpg(process.pid, signal.SIGINT)
+    process.communicate(timeout=60)
+    assert time.time() - sent < 20 and process.returncode != 0
+    assert not [e for e in runs.read_events(run_dir) if e["event"] == "stopped"]  # the slow save never finished
+    time.sleep(1)
+    leftovers = subprocess.run(["pgrep", "-f", f"--run-dir {run_dir}"], capture_output=True, text=True).stdout
+    assert not leftovers.strip(), leftovers  # no rank left behind

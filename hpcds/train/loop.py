@@ -318,6 +318,8 @@ class Trainer:
 
     # -- endings -----------------------------------------------------------------------------------------------------
     def stop(self, signum: int) -> int:
+        if self.settings.rank == 0 and self.flag.faults.stop_save_sleep_s:
+            time.sleep(self.flag.faults.stop_save_sleep_s)  # test fault: a save as slow as a big checkpoint's
         self.save()
         s, step = self.settings, self.state.step
         if s.rank == 0:

@@ -3,15 +3,17 @@
 Slurm warns with SIGUSR2 (`--signal=USR2@lead`), requeue / preemption / time limit / scancel send SIGTERM, and Ctrl-C
 under `hpcds run` sends SIGINT. Saving inside a handler hangs collectives, so a handler records the signal and returns;
 at the next optimizer-step boundary all ranks take the MAX of their flags (a rank the signal missed still stops), save,
-and exit with EXIT_REQUEUE. `hpcds launch` blocks SIGUSR2 before starting DeepSpeed's launcher (which dies on it); the
-ranks inherit the mask and unblock it only once their handler is in place.
+and exit with EXIT_REQUEUE. `hpcds launch` and `hpcds run` block all three before starting DeepSpeed's launcher (which
+dies on USR2, and on TERM / INT kills the ranks 30 s later, however long their save takes); the ranks inherit the
+mask and unblock it only once their handler is in place.
 
 `HPCDS_TEST_FAULT` injects faults for the tests: `signal_at:N:TERM` makes rank 0 send itself that signal after step N,
 `kill_in_save:N` SIGKILLs rank 0 in the middle of step N's save (after the shards, before the commit),
 `raise_after:K` makes rank 0 raise at its K-th step boundary after each start (a failing job that still makes progress),
 `hang_after:K` makes rank 0 sleep there instead, in a job's first allocation only (a hung job: the other ranks wait
-in the collective, heartbeats stop), `step_sleep:S[:N]` makes rank 0 sleep S seconds at every boundary (of the first N
-allocations; a steady pace for tests that must catch a run mid-way, whatever the machine's load).
+in the collective, heartbeats stop), `stop_save_sleep:S` makes rank 0 sleep S seconds before the save a stop signal
+asks for (a slow save, as a big checkpoint's), `step_sleep:S[:N]` makes rank 0 sleep S seconds at every boundary
+(of the first N allocations; a steady pace for tests that must catch a run mid-way, whatever the machine's load).
 """
 
 from __future__ import annotations
@@ -20,9 +22,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from hpcds.facts import WARNING_SIGNUM
-
-STOP_SIGNALS = (WARNING_SIGNUM, signal.SIGTERM, signal.SIGINT)
+from hpcds.facts import STOP_SIGNUMS
 
 
 class StopFlag:
@@ -38,10 +38,11 @@ class StopFlag:
             self.signum = signum
 
     def install(self) -> StopFlag:
-        for sig in STOP_SIGNALS:
+        for sig in STOP_SIGNUMS:
             signal.signal(sig, self._handle)
-        # Inherited from `hpcds launch`, which blocks it so DeepSpeed's launcher survives Slurm's warning.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {WARNING_SIGNUM})
+        # Inherited blocked from `hpcds launch` / `hpcds run`, so that DeepSpeed's launchers never react to them; a
+        # signal that came during start-up is pending and is delivered here.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNUMS))
         return self
 
     def agree(self) -> int:
@@ -49,18 +50,18 @@ class StopFlag:
 
         A SUM of one-hot float flags rather than a MAX of an int: DeepSpeed routes float SUMs through its fast path
         (shared memory between CPU ranks, NCCL on GPUs), while a MAX falls back to gloo's TCP round trip, which
-        measurably slowed small CPU steps. Several signals at once: the first of STOP_SIGNALS wins, on every rank.
+        measurably slowed small CPU steps. Several signals at once: the first of STOP_SIGNUMS wins, on every rank.
         """
         import torch
         from deepspeed import comm
 
         self.boundaries += 1
         self._inject_faults()
-        flags = torch.zeros(len(STOP_SIGNALS), dtype=torch.float32, device=collective_device())
+        flags = torch.zeros(len(STOP_SIGNUMS), dtype=torch.float32, device=collective_device())
         if self.signum:
-            flags[STOP_SIGNALS.index(self.signum)] = 1.0
+            flags[STOP_SIGNUMS.index(self.signum)] = 1.0
         comm.all_reduce(flags)
-        for sig, count in zip(STOP_SIGNALS, flags.tolist(), strict=True):
+        for sig, count in zip(STOP_SIGNUMS, flags.tolist(), strict=True):
             if count > 0:
                 return int(sig)
         return 0
@@ -107,6 +108,7 @@ class Faults:
     kill_in_save_step: int | None = None
     raise_after: int | None = None
     hang_after: int | None = None
+    stop_save_sleep_s: float = 0.0
     step_sleep_s: float = 0.0
     step_sleep_allocations: int = 1 << 30  # the first N allocations of a job (by SLURM_RESTART_COUNT)
 
@@ -127,13 +129,15 @@ def parse_faults(text: str) -> Faults:
             faults = replace(faults, raise_after=int(rest))
         elif kind == "hang_after":
             faults = replace(faults, hang_after=int(rest))
+        elif kind == "stop_save_sleep":
+            faults = replace(faults, stop_save_sleep_s=float(rest))
         elif kind == "step_sleep":
             seconds, _, allocations = rest.partition(":")
             faults = replace(faults, step_sleep_s=float(seconds), step_sleep_allocations=int(allocations or 1 << 30))
         else:
             raise ValueError(
                 f"HPCDS_TEST_FAULT: unknown fault {item!r} "
-                "(signal_at:N:SIG, kill_in_save:N, raise_after:K, hang_after:K, step_sleep:S[:N])"
+                "(signal_at:N:SIG, kill_in_save:N, raise_after:K, hang_after:K, stop_save_sleep:S, step_sleep:S[:N])"
             )
     return faults
 
