@@ -105,4 +105,5 @@ def _check(text: str, folder: Path) -> None:
             left = "\n".join(f"  - {problem}" for problem in exc.problems)
             raise HpcdsError(f"the imported spec is not complete yet; still to fill in:\n{left}") from None
 
+
 COMMANDS = [import_command]

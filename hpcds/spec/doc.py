@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from hpcds.spec.job import JobSpec
-from hpcds.spec.load import _find_model
+from hpcds.spec.types import find_model
 
 
 def _type_name(annotation: typing.Any) -> str:
@@ -48,7 +48,7 @@ def spec_fields(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[tupl
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         found.append((key, field))
-        child = _find_model(field.annotation)
+        child = find_model(field.annotation)
         if child is not None:
             found += spec_fields(child, key + ("[]." if _is_list(field.annotation) else "."))
     return found
@@ -65,7 +65,7 @@ def render_spec_reference() -> str:
     current = None
     for key, field in spec_fields():
         section = key.split(".")[0] if "." in key else ""
-        child = _find_model(field.annotation)
+        child = find_model(field.annotation)
         if child is not None and "." not in key:
             continue  # a section header, written below when its first field comes
         if section != current:

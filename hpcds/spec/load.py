@@ -17,11 +17,13 @@ from pydantic import BaseModel, ValidationError
 
 from hpcds.errors import Problem, SpecError
 from hpcds.facts import HF_PREFIX
+from hpcds.spec.doc import spec_fields
 from hpcds.spec.ds_config import merge_raw_config, raw_origins
 from hpcds.spec.foreign import foreign_hint
 from hpcds.spec.job import JobSpec, _as_dataset_list
 from hpcds.spec.presets import PRESETS
 from hpcds.spec.tree import deep_merge, get_path, set_path
+from hpcds.spec.types import find_model
 
 CLI_FLAGS = {
     "nodes": "slurm.nodes",
@@ -57,29 +59,8 @@ def _model_at(path: tuple, model: type[BaseModel] | None) -> type[BaseModel] | N
         if model is None or not isinstance(key, str) or key not in model.model_fields:
             return None if not isinstance(key, int) else model
         annotation = model.model_fields[key].annotation
-        model = _find_model(annotation)
+        model = find_model(annotation)
     return model
-
-
-def _find_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _find_model(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _fields_of(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """Every field of `model` and the models inside it, dotted."""
-    fields = []
-    for name, info in model.model_fields.items():
-        fields.append(prefix + name)
-        inner = _find_model(info.annotation)
-        if inner is not None:
-            fields += _fields_of(inner, f"{prefix}{name}.")
-    return fields
 
 
 def _dotted(loc: tuple) -> str:
@@ -97,7 +78,7 @@ def _problem_from(error: dict) -> Problem:
     if kind == "extra_forbidden":
         import difflib
 
-        elsewhere = [f for f in _fields_of(JobSpec) if f.rsplit(".", 1)[-1] == loc[-1] and "." in f]
+        elsewhere = [f for f, _ in spec_fields() if f.rsplit(".", 1)[-1] == loc[-1] and "." in f and "[" not in f]
         if elsewhere:  # a spec field, in the wrong section (flat files put everything at the top)
             return Problem(_dotted(loc), "unknown key here", f"it belongs under {elsewhere[0].rsplit('.', 1)[0]}:")
         foreign = foreign_hint(str(loc[-1]), _dotted(loc))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 
@@ -77,3 +77,14 @@ class Strict(BaseModel):
 def _problems(info: ValidationInfo) -> list[Problem]:
     # Cross-field checks append here instead of raising, so one run reports them all (see `validate_spec`).
     return info.context.setdefault("problems", []) if info.context is not None else []
+
+
+def find_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field's annotation holds (inside Optional, list, Annotated), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = find_model(arg)
+        if found is not None:
+            return found
+    return None
