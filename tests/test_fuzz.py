@@ -459,3 +459,40 @@ def test_generic_template_prepares_once_per_job_and_runs_the_run_script(sandbox,
     other, _ = submit(0, SLURM_JOB_ID="778")
     assert other != run_dir and other.parent == run_dir.parent
     assert not sandbox["sentinel"].exists()
+
+
+def test_setup_lines_cannot_switch_off_the_ending_logic(sandbox):
+    # `set -e` and an ERR trap that exits, as people write them in cluster recipes: the script must still record the
+    # exit and requeue on 75. Without the reset after the setup lines, it ended at the failing srun.
+    tree = copy.deepcopy(BASE)
+    tree["slurm"] = {**tree.get("slurm", {}), "setup": ["set -e", "set -o errexit", "trap 'exit 3' ERR"]}
+    script = render_sbatch(validate_spec(build_tree(tree)), str(sandbox["run"]))
+    rc, _, events, _ = execute(script, sandbox, fake_rc=1)
+    assert [e["event"] for e in events] == ["started", "exited", "not_requeued"] and events[1]["class"] == "failed"
+    rc, records, events, _ = execute(script, sandbox, fake_rc=75)
+    assert (rc, records[-1]) == (75, ["scontrol", "requeue", JOB_ID])
+    assert [e["event"] for e in events] == ["started", "exited", "requeue"]
+
+
+@pytest.mark.parametrize(
+    "line, refused",
+    [
+        ("exit 0", "`exit` would end the batch script"),
+        ("exec bash", "`exec` would end the batch script"),
+        ("export WANDB_API_KEY=0123456789abcdef", "writes the value of WANDB_API_KEY"),
+        ("module load cuda && AWS_SECRET_ACCESS_KEY='abc' run", "writes the value of AWS_SECRET_ACCESS_KEY"),
+        ("export HF_TOKEN=$(cat ~/.secrets/hf)", None),  # read at run time from a file: fine
+        ('export HF_TOKEN="$HF_TOKEN_FILE"', None),
+        ("export TOKENIZERS_PARALLELISM=false", None),  # not a secret name
+    ],
+)
+def test_setup_lines_that_end_the_script_or_write_a_secret_are_refused(line, refused):
+    tree = copy.deepcopy(BASE)
+    tree["slurm"] = {**tree.get("slurm", {}), "setup": [line]}
+    spec = validate_spec(build_tree(tree))
+    if refused is None:
+        render_sbatch(spec, "/runs/x")
+        return
+    with pytest.raises(SpecError) as excinfo:
+        render_sbatch(spec, "/runs/x")
+    assert [(p.path, refused in p.message) for p in excinfo.value.problems] == [("slurm.setup[0]", True)]

@@ -235,6 +235,24 @@ def test_history_follows_each_allocation_of_the_job():
     ]
 
 
+def test_an_allocation_killed_before_logging_its_exit_is_not_running_once_the_next_one_started():
+    from hpcds.slurm.status import history_lines, job_history
+
+    log = [  # scontrol requeue: the batch shell was killed after KillWait before it wrote `exited`
+        {"time": 0, "event": "started", "job_id": "7", "restart": 0},
+        {"time": 5, "event": "train_start", "step": 0},
+        {"time": 30, "event": "stopped", "signal": "SIGTERM", "step": 6},
+        {"time": 40, "event": "started", "job_id": "7", "restart": 1},
+        {"time": 45, "event": "train_start", "step": 6},
+    ]
+    history = job_history("7", log)
+    assert [(h["ending"], h["end"]) for h in history] == [("killed", 30.0), (None, None)]
+    assert history_lines(history) == [
+        "restart 0: from scratch, SIGTERM at step 6, ran 0:30, killed",
+        "restart 1: resumed at 6, running",
+    ]
+
+
 def test_versions_changed_lists_only_differences():
     from hpcds.train.__main__ import changed_versions
 
@@ -323,9 +341,14 @@ def two_warnings(case: Case) -> None:
 
 
 def requeue_by_scontrol(case: Case) -> None:
-    wait_until("scontrol case: 5 steps", lambda: case.trained_since_start(5, 0), 600)
+    """scontrol requeue after 5 steps: TERM to every process of the job; notes the step and the time to the commit."""
+    wait_until(f"{case.name}: 5 steps", lambda: case.trained_since_start(5, 0), 600)
     case.notes["requeued_at_step"] = last_step(case.run_dir)
+    sent = time.time()
     slurm.run(["scontrol", "requeue", case.job_id])
+    stop = wait_until(f"{case.name}: stop after TERM", lambda: events(case.run_dir, "stopped"), 120)[0]
+    saved = [e for e in events(case.run_dir, "checkpoint") if e["step"] == stop["step"] and e["time"] >= sent]
+    case.notes["signal_to_checkpoint_s"] = round(saved[-1]["time"] - sent, 2) if saved else None
 
 
 def preempt_on_n1(case: Case) -> None:
@@ -339,13 +362,16 @@ def preempt_on_n1(case: Case) -> None:
 # A floor under the step time (rank 0 sleeps at each step boundary): on an idle machine a step takes 0.2 s and the
 # run would end before the driver's signal lands; on a busy one it takes seconds anyway.
 PACE = {"HPCDS_TEST_FAULT": "step_sleep:0.3"}
+# The save a TERM asks for takes 10 s longer, as a big checkpoint's would: within the cluster's KillWait (30 s), beyond
+# what a launcher that dies on TERM (or kills the ranks on it) leaves the ranks.
+SLOW_SAVE = {"HPCDS_TEST_FAULT": "step_sleep:0.3,stop_save_sleep:10"}
 SLOW_PACE = {"HPCDS_TEST_FAULT": "step_sleep:1"}  # preemption takes a scheduler cycle or two
 TIMELIMIT_SPEC = [*SMALL, "--set", "training.max_steps=80", "--set", "checkpoint.every_steps=10", "--time", "00:03:00"]
 TIMELIMIT_SPEC += ["--set", "slurm.signal_lead_s=90", "--set", 'slurm.extra_sbatch=["--nodelist=n2"]']
 CASES = {
     "reference": Case("reference", SPEC),
     "warnings": Case("warnings", SPEC, two_warnings, env=PACE),
-    "scontrol": Case("scontrol", SPEC, requeue_by_scontrol, env=PACE),
+    "scontrol": Case("scontrol", SPEC, requeue_by_scontrol, env=SLOW_SAVE),
     # Raises after 3 steps of every start, with a checkpoint every 2 steps: progress each time, so it is requeued up
     # to the failure cap and then ends FAILED.
     "failing": Case(
@@ -371,10 +397,11 @@ CASES = {
 # Across nodes: one warning to a 2-node run (world size 4); it must resume on both nodes and match a 2-node reference.
 CASES["reference2"] = Case("reference2", [*SPEC, "--nodes", "2"])
 CASES["warning2"] = Case("warning2", [*SPEC, "--nodes", "2"], lambda case: case.signal_and_time_save(0), env=PACE)
+CASES["scontrol2"] = Case("scontrol2", [*SPEC, "--nodes", "2"], requeue_by_scontrol, env=SLOW_SAVE)
 GROUPS = [
     ["reference", "warnings", "scontrol", "failing"],
     ["preempted", "timelimit", "hung"],
-    ["reference2", "warning2"],
+    ["reference2", "warning2", "scontrol2"],
 ]
 
 
@@ -452,19 +479,26 @@ def test_two_warning_signals_requeue_twice_and_match_the_uninterrupted_run(cases
 
 @pytest.mark.slurm
 def test_scontrol_requeue_resumes_and_matches(cases, runs_root):
-    """SIGTERM path: the ranks save at the next step boundary if KillWait allows, else the periodic checkpoint."""
+    """SIGTERM path (requeue, preemption without a warning, scancel): the ranks save at the next step boundary, with
+    a save 10 s slower than it is, inside the cluster's KillWait; the job resumes at exactly that step."""
     case, ref = cases("scontrol"), cases("reference")
     assert case.ended["rc"] == 0 and case.ended["class"] == "finished"
-    assert next(e["class"] for e in events(case.run_dir, "exited")) == "terminated"
-    starts = events(case.run_dir, "train_start")
-    assert len(starts) == 2 and starts[0]["step"] == 0
-    # Resumed from the best-effort save at (or after) the requeue, or from the last periodic checkpoint before it.
-    requeued_at = case.notes["requeued_at_step"]
-    assert starts[1]["step"] >= requeued_at - requeued_at % 4, (starts, requeued_at)
+    assert_resumed_where_term_stopped(case)
     assert status_row(runs_root, case)["restarts"] == 1
     assert not case.leftovers, case.leftovers
     assert_same_training(ref.run_dir, case.run_dir)
     assert_wandb_one_run_no_repeats(case.run_dir)
+    print(
+        f"scontrol: TERM at step {case.notes['requeued_at_step']}, committed {case.notes['signal_to_checkpoint_s']} s"
+    )
+
+
+def assert_resumed_where_term_stopped(case: Case) -> None:
+    assert next(e["class"] for e in events(case.run_dir, "exited")) == "terminated"
+    (stopped,) = events(case.run_dir, "stopped")
+    assert stopped["signal"] == "SIGTERM" and stopped["step"] >= case.notes["requeued_at_step"], stopped
+    assert [e["step"] for e in events(case.run_dir, "train_start")] == [0, stopped["step"]]
+    assert case.notes["signal_to_checkpoint_s"] > 10  # the slow save did run to its commit
 
 
 @pytest.mark.slurm
@@ -544,3 +578,16 @@ def test_two_node_run_warned_once_resumes_on_both_nodes_and_matches(cases):
         assert {"n1", "n2"} <= hosts, hosts
     assert not case.leftovers, case.leftovers
     assert_same_training(ref.run_dir, case.run_dir)
+
+
+@pytest.mark.slurm
+def test_two_node_run_requeued_by_scontrol_saves_on_term_and_resumes_at_that_step(cases):
+    case, ref = cases("scontrol2"), cases("reference2")
+    assert case.ended["class"] == "finished", case.ended
+    assert_resumed_where_term_stopped(case)
+    assert [e["world_size"] for e in events(case.run_dir, "train_start")] == [4, 4]
+    assert not case.leftovers, case.leftovers
+    assert_same_training(ref.run_dir, case.run_dir)
+    print(
+        f"scontrol2: TERM at step {case.notes['requeued_at_step']}, committed {case.notes['signal_to_checkpoint_s']} s"
+    )

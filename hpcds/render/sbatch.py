@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpcds import __version__
 from hpcds.errors import HpcdsError, Problem, SpecError
-from hpcds.facts import template_facts
+from hpcds.facts import SECRET_NAME, template_facts
 
 if TYPE_CHECKING:
     import jinja2
@@ -113,7 +113,34 @@ def _sbatch_problems(spec: JobSpec) -> list[Problem]:
     for i, line in enumerate(slurm.setup):
         if _has_control(line):
             problems.append(Problem(f"slurm.setup[{i}]", "has a control character", "one shell line per list item"))
+        words = line.split()
+        if words and words[0] in ENDS_THE_SCRIPT:
+            problems.append(
+                Problem(
+                    f"slurm.setup[{i}]",
+                    f"`{words[0]}` would end the batch script before it records how the job ended and requeues it",
+                    "remove the line; setup lines run in the batch shell itself",
+                )
+            )
+        for name in SECRET_ASSIGNMENT.findall(line):
+            if SECRET_NAME.search(name):
+                problems.append(
+                    Problem(
+                        f"slurm.setup[{i}]",
+                        f"writes the value of {name}, which looks like a secret, into job.sbatch",
+                        f"export it in the shell you submit from (sbatch passes it on), or read it from a file only "
+                        f"you can read: export {name}=$(cat ~/.secrets/{name})",
+                    )
+                )
     return problems
+
+
+# Words that end the shell when a setup line starts with them (the batch shell runs setup lines itself).
+ENDS_THE_SCRIPT = ("exit", "exec", "logout", "return")
+# `NAME=value` with a literal value (not `$...` or `"$..."`), at a line's start, after `export`, `;`, `&&` or `|`.
+SECRET_ASSIGNMENT = re.compile(
+    r"""(?:^|[;&|]\s*|\bexport\s+|\bdeclare\s+-x\s+)([A-Za-z_][A-Za-z0-9_]*)=(?!["']?\$)\S"""
+)
 
 
 def check_run_dir(run_dir: str) -> str:

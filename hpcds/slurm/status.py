@@ -104,9 +104,11 @@ def state_from_events(job_id: str | None, events: list[dict[str, Any]]) -> tuple
 def job_history(job_id: str, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per allocation of the job, oldest first: restart count, start and end times, the step it resumed
     from, the stop signal and step, the error, and how it ended (the batch script's class and exit code). Trainer
-    events carry no job id; they belong to the allocation whose `started` came last before them."""
+    events carry no job id; they belong to the allocation whose `started` came last before them. An allocation
+    without an `exited` event followed by a later one ended `killed` (at its last event)."""
     history: list[dict[str, Any]] = []
     current: dict[str, Any] | None = None
+    last_time = None  # of the newest event of the current allocation
     for event in events:
         kind, owner = event["event"], event.get("job_id")
         if owner is not None and str(owner) != job_id:
@@ -114,13 +116,18 @@ def job_history(job_id: str, events: list[dict[str, Any]]) -> list[dict[str, Any
                 current = None  # another job of the run: its trainer events are not ours
             continue
         if kind == "started":
+            if current is not None and current["ending"] is None:
+                # A later allocation began, so this one is over: its batch shell was killed (after KillWait, say)
+                # before it could log its exit. Not "running".
+                current["ending"], current["end"] = "killed", last_time
             current = {"restart": _as_int(event.get("restart")) or 0, "start": _as_float(event.get("time"))}
             current |= {"end": None, "resumed_from_step": None, "stop": None, "error": None, "ending": None}
             current["rc"] = None
             history.append(current)
         elif current is None:
             continue
-        elif kind == "train_start":
+        last_time = _as_float(event.get("time"))
+        if kind == "train_start":
             current["resumed_from_step"] = _as_int(event.get("step"))
         elif kind == "stopped":
             current["stop"] = f"{event.get('signal')} at step {event.get('step')}"
