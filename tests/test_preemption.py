@@ -362,9 +362,10 @@ def preempt_on_n1(case: Case) -> None:
 # A floor under the step time (rank 0 sleeps at each step boundary): on an idle machine a step takes 0.2 s and the
 # run would end before the driver's signal lands; on a busy one it takes seconds anyway.
 PACE = {"HPCDS_TEST_FAULT": "step_sleep:0.3"}
-# The save a TERM asks for takes 10 s longer, as a big checkpoint's would: within the cluster's KillWait (30 s), beyond
-# what a launcher that dies on TERM (or kills the ranks on it) leaves the ranks.
-SLOW_SAVE = {"HPCDS_TEST_FAULT": "step_sleep:0.3,stop_save_sleep:10"}
+# The save a TERM asks for takes 35 s longer, as a big checkpoint's would: within the cluster's KillWait (60 s), beyond
+# the 30 s DeepSpeed's per-node launcher gives its ranks after a TERM before it SIGKILLs them.
+SLOW_SAVE_S = 35
+SLOW_SAVE = {"HPCDS_TEST_FAULT": f"step_sleep:0.3,stop_save_sleep:{SLOW_SAVE_S}"}
 SLOW_PACE = {"HPCDS_TEST_FAULT": "step_sleep:1"}  # preemption takes a scheduler cycle or two
 TIMELIMIT_SPEC = [*SMALL, "--set", "training.max_steps=80", "--set", "checkpoint.every_steps=10", "--time", "00:03:00"]
 TIMELIMIT_SPEC += ["--set", "slurm.signal_lead_s=90", "--set", 'slurm.extra_sbatch=["--nodelist=n2"]']
@@ -480,7 +481,7 @@ def test_two_warning_signals_requeue_twice_and_match_the_uninterrupted_run(cases
 @pytest.mark.slurm
 def test_scontrol_requeue_resumes_and_matches(cases, runs_root):
     """SIGTERM path (requeue, preemption without a warning, scancel): the ranks save at the next step boundary, with
-    a save 10 s slower than it is, inside the cluster's KillWait; the job resumes at exactly that step."""
+    a save 35 s slower than it is, inside the cluster's KillWait; the job resumes at exactly that step."""
     case, ref = cases("scontrol"), cases("reference")
     assert case.ended["rc"] == 0 and case.ended["class"] == "finished"
     assert_resumed_where_term_stopped(case)
@@ -498,7 +499,7 @@ def assert_resumed_where_term_stopped(case: Case) -> None:
     (stopped,) = events(case.run_dir, "stopped")
     assert stopped["signal"] == "SIGTERM" and stopped["step"] >= case.notes["requeued_at_step"], stopped
     assert [e["step"] for e in events(case.run_dir, "train_start")] == [0, stopped["step"]]
-    assert case.notes["signal_to_checkpoint_s"] > 10  # the slow save did run to its commit
+    assert case.notes["signal_to_checkpoint_s"] > SLOW_SAVE_S  # the slow save did run to its commit
 
 
 @pytest.mark.slurm
