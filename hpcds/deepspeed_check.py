@@ -2,8 +2,10 @@
 
 The rendered ds_config.json goes to DeepSpeed's config classes (`deepspeed.runtime.config.DeepSpeedConfig`, the
 object every engine builds first) in a child process: importing DeepSpeed takes seconds and pulls in torch, which
-login-node commands keep out of their own process. Every refusal comes back as a Problem at its dotted path, all at
-once: the child drops each refused setting and asks again. Keys DeepSpeed never reads are problems too (DeepSpeed
+login-node commands keep out of their own process. Every refusal comes back as a Problem at its dotted path: the
+child drops each refused setting and asks again, so all the refusals of DeepSpeed's config models (pydantic) come
+at once, and of its other checks (asserts) those whose message names a top-level key; an assert naming none ends
+the list. Keys DeepSpeed never reads are problems too (DeepSpeed
 ignores them without a word, so a misspelt `zero_optimizaton` would silently train without ZeRO); each gets
 "did you mean" from the keys DeepSpeed did look for at that place.
 """
@@ -15,6 +17,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +65,14 @@ def _cache_file(request: str) -> Path:
         version = "none"
     # This module's own source is part of the key: a changed way of judging never reuses an old verdict.
     key = hashlib.sha256(f"{version}\n{request}".encode() + Path(__file__).read_bytes()).hexdigest()
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "hpcds" / "deepspeed-check" / f"{key}.json"
+    return cache_dir() / "deepspeed-check" / f"{key}.json"
+
+
+def cache_dir() -> Path:
+    """hpcds's own cache: $HPCDS_CACHE_DIR, else $XDG_CACHE_HOME/hpcds (~/.cache/hpcds)."""
+    if os.environ.get("HPCDS_CACHE_DIR"):
+        return Path(os.environ["HPCDS_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpcds"
 
 
 def _read_cached(path: Path) -> dict | None:
@@ -137,37 +146,56 @@ def _delete(tree: dict, dotted: str) -> bool:
         tree = tree.get(key)
         if not isinstance(tree, dict):
             return False
-    return tree.pop(last, None) is not None or last in tree
+    if last not in tree:
+        return False
+    del tree[last]
+    return True
 
 
-def _section_of(tree: dict, loc: tuple) -> str | None:
-    """The dotted place in `tree` of the mapping a pydantic error's location starts in (the section model's input)."""
-    if not loc:
-        return None
+def _config_model(title: str):
+    """DeepSpeed's config model class called `title` (pydantic's error title), or None."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    stack = [DeepSpeedConfigModel]
+    while stack:
+        model = stack.pop()
+        if model.__name__ == title:
+            return model
+        stack += model.__subclasses__()
+    return None
+
+
+def _section_of(tree: dict, loc: tuple, model) -> str | None:
+    """The dotted place in `tree` of the section that `model` refused (the mapping a pydantic error's location starts
+    in): of the sections holding the key, the one the model refuses when given it alone (fp16 and bf16 both hold
+    `enabled`)."""
+    from pydantic import ValidationError
+
     found = []
 
     def walk(node: dict, prefix: str) -> None:
-        if str(loc[0]) in node:
-            found.append(prefix)
+        if loc and str(loc[0]) in node:
+            found.append((prefix, node))
         for key, value in node.items():
             if isinstance(value, dict):
                 walk(value, f"{prefix}{key}.")
 
     walk(tree, "")
-    return found[0] if found else None
+    for prefix, section in found:
+        try:
+            model(**section)
+        except ValidationError:
+            return prefix
+        except Exception:
+            continue
+    return found[0][0] if found else None
 
 
-def _field_names(title: str) -> list[str]:
-    """Field names and aliases of DeepSpeed's config model called `title` (pydantic's error title)."""
-    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-
-    stack, names = [DeepSpeedConfigModel], []
-    while stack:
-        model = stack.pop()
-        if model.__name__ == title:
-            for name, field in model.model_fields.items():
-                names += [name] + ([field.alias] if field.alias else [])
-        stack += model.__subclasses__()
+def _field_names(model) -> list[str]:
+    """Field names and aliases of one of DeepSpeed's config models."""
+    names = []
+    for name, field in model.model_fields.items() if model is not None else ():
+        names += [name] + ([field.alias] if field.alias else [])
     return names
 
 
@@ -178,12 +206,13 @@ def _did_you_mean(key: str, valid: list[str]) -> str:
 
 def _pydantic_problems(exc, config: dict) -> tuple[list[Problem], list[str]]:
     problems, drop = [], []
+    model = _config_model(exc.title)
     for error in exc.errors():
         loc = tuple(str(part) for part in error["loc"])
-        section = _section_of(config, loc)
+        section = _section_of(config, loc, model) if model is not None else None
         where = f"{section}{'.'.join(loc)}" if section is not None else ".".join(loc)
         if error["type"] == "extra_forbidden":
-            message, hint = "is not a DeepSpeed setting here", _did_you_mean(loc[-1], _field_names(exc.title))
+            message, hint = "is not a DeepSpeed setting here", _did_you_mean(loc[-1], _field_names(model))
         else:
             message, hint = f"DeepSpeed refuses {error['input']!r}: {error['msg']}", ""
         problems.append(Problem(f"{RAW}.{where}", message, hint or "see DeepSpeed's configuration reference"))
@@ -234,8 +263,15 @@ def verdict(config: dict, world_size: int) -> list[Problem]:
             continue
         except Exception as exc:  # DeepSpeed's own checks are asserts and plain exceptions
             message = str(exc).strip() or exc.__class__.__name__
-            problems.append(Problem(RAW, f"DeepSpeed refuses the config: {message}", "fix the setting it names"))
-            break
+            # When the message names one of the config's own top-level keys (its removed features do), the problem
+            # is placed there and that key dropped to ask again; otherwise this is the last refusal found.
+            named = [key for key in config if re.search(rf"\b{re.escape(key)}\b", message)]
+            where = f"{RAW}.{named[0]}" if len(named) == 1 else RAW
+            problems.append(Problem(where, f"DeepSpeed refuses it: {message}", "remove or change that setting"))
+            if where == RAW:
+                break
+            del config[named[0]]
+            continue
         problems += _ignored_keys(config, seen)
         break
     return problems

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SLURM = ROOT / "scripts" / "local-slurm"
+
+# hpcds's own cache (DeepSpeed's verdicts on configs) starts empty in every session, for this process and every
+# command a test starts: a verdict cached by an earlier run of changed code must not answer for this one.
+os.environ["HPCDS_CACHE_DIR"] = tempfile.mkdtemp(prefix="hpcds-test-cache-")
 
 
 @dataclass(frozen=True)

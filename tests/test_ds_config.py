@@ -275,3 +275,42 @@ def test_impossible_raw_combinations_are_refused_where_they_were_written(tmp_pat
     assert problems_of(excinfo) == {
         field: f"{message} (as written in deepspeed.config.zero_optimization.{device_key}.device)"
     }
+
+
+def test_deepspeeds_verdict_is_asked_once_per_config_and_cached_by_content(tmp_path, monkeypatch):
+    import hpcds.deepspeed_check as check
+
+    monkeypatch.setenv("HPCDS_CACHE_DIR", str(tmp_path / "cache"))
+    asked = []
+    real_run = subprocess.run
+    monkeypatch.setattr(check.subprocess, "run", lambda *a, **k: asked.append(a) or real_run(*a, **k))
+    config = {"train_micro_batch_size_per_gpu": 2, "monitor_config": {}}
+    first = check.check_with_deepspeed(config, 1)
+    again = check.check_with_deepspeed(config, 1)
+    assert len(asked) == 1 and first == again and [p.path for p in first] == ["deepspeed.config.monitor_config"]
+    check.check_with_deepspeed({**config, "gradient_clipping": 0.5}, 1)  # another config: asked again
+    check.check_with_deepspeed(config, 2)  # another world size: asked again
+    assert len(asked) == 3 and len(list((tmp_path / "cache").rglob("*.json"))) == 3
+
+
+@pytest.mark.parametrize(
+    "config, places",
+    [
+        # fp16 and bf16 both hold `enabled`: the refusal is placed in the section DeepSpeed refused
+        ({"fp16": {"enabled": False}, "bf16": {"enabled": "maybe"}}, ["bf16.enabled"]),
+        # a refused null is dropped like any value, so the next refusal is found too
+        (
+            {"zero_optimization": {"stage": None}, "tensorboard": {"output_path": 3}},
+            ["zero_optimization.stage", "tensorboard.output_path"],
+        ),
+        # DeepSpeed's asserts for removed features name their block: each is placed there, all of them found
+        (
+            {"progressive_layer_drop": {"enabled": True}, "sparse_attention": {"mode": "fixed"}},
+            ["sparse_attention", "progressive_layer_drop"],
+        ),
+    ],
+)
+def test_every_refusal_is_placed_where_deepspeed_refused_it(config, places):
+    with pytest.raises(SpecError) as excinfo:
+        check_with_deepspeed({"train_micro_batch_size_per_gpu": 1, **config}, 1)
+    assert [p.path.removeprefix("deepspeed.config.") for p in excinfo.value.problems] == places

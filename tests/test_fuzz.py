@@ -474,19 +474,32 @@ def test_setup_lines_cannot_switch_off_the_ending_logic(sandbox):
     assert [e["event"] for e in events] == ["started", "exited", "requeue"]
 
 
+def test_an_exit_in_a_setup_line_is_recorded_as_the_allocations_ending(sandbox):
+    tree = copy.deepcopy(BASE)
+    tree["slurm"] = {**tree.get("slurm", {}), "setup": ["module load cuda/12.4 || exit 3"]}  # no `module` here
+    script = render_sbatch(validate_spec(build_tree(tree)), str(sandbox["run"]))
+    rc, records, events, _ = execute(script, sandbox, fake_rc=0)
+    assert (rc, records) == (3, [])  # never launched
+    assert [(e["event"], e["rc"], e["class"], e["reason"]) for e in events] == [("exited", 3, "failed", "setup")]
+
+
 @pytest.mark.parametrize(
     "line, refused",
     [
-        ("exit 0", "`exit` would end the batch script"),
-        ("exec bash", "`exec` would end the batch script"),
+        ("exec bash", "`exec COMMAND` replaces the batch shell"),
+        ("module load x && exec python train.py", "`exec COMMAND` replaces the batch shell"),
+        ("exec > >(tee -a setup.log) 2>&1", None),  # only redirects this shell's output
+        ("exec 2>&1", None),
         ("export WANDB_API_KEY=0123456789abcdef", "writes the value of WANDB_API_KEY"),
+        ("export A=1 WANDB_API_KEY=abc", "writes the value of WANDB_API_KEY"),
         ("module load cuda && AWS_SECRET_ACCESS_KEY='abc' run", "writes the value of AWS_SECRET_ACCESS_KEY"),
         ("export HF_TOKEN=$(cat ~/.secrets/hf)", None),  # read at run time from a file: fine
         ('export HF_TOKEN="$HF_TOKEN_FILE"', None),
+        ("export HF_TOKEN_PATH=/home/u/.hf/token", None),  # where a secret is, not the secret
         ("export TOKENIZERS_PARALLELISM=false", None),  # not a secret name
     ],
 )
-def test_setup_lines_that_end_the_script_or_write_a_secret_are_refused(line, refused):
+def test_setup_lines_that_replace_the_shell_or_write_a_secret_are_refused(line, refused):
     tree = copy.deepcopy(BASE)
     tree["slurm"] = {**tree.get("slurm", {}), "setup": [line]}
     spec = validate_spec(build_tree(tree))

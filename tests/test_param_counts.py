@@ -309,6 +309,8 @@ TINY_LAYOUTS = {
     "qwen3_moe": {"model_type": "qwen3_moe", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                   "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 48, "vocab_size": 100,
                   "num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 24},
+    "phi3": {"model_type": "phi3", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 48, "vocab_size": 100, "pad_token_id": 0},
     "mamba": {"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 100, "state_size": 8},
     "mamba2": {"model_type": "mamba2", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 100, "state_size": 8,
                "head_dim": 16, "num_heads": 4, "n_groups": 2},
@@ -351,6 +353,7 @@ LORA_ON_LAYOUTS = [
     ("mixtral", ["q_proj", "k_proj", "v_proj", "o_proj"]),
     ("qwen2_moe", ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     ("qwen3_moe", ["k_proj", "v_proj"]),
+    ("phi3", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),  # fused matrices; peft has no phi3 default
     ("mamba", ["in_proj", "x_proj", "dt_proj"]),  # peft refuses out_proj and conv1d of Mamba models
     ("mamba2", ["in_proj"]),
 ]
@@ -374,6 +377,8 @@ def test_lora_without_a_peft_default_asks_for_targets():
 
     with pytest.raises(HpcdsError, match="peft has no default for the qwen3_moe layout"):
         count_params(_layout_spec(TINY_LAYOUTS["qwen3_moe"], lora={"r": 4}))
+    with pytest.raises(HpcdsError, match="peft has no default for the phi3 layout"):
+        count_params(_layout_spec(TINY_LAYOUTS["phi3"], lora={"r": 4}))
 
 
 def test_every_layout_ties_its_head_as_its_config_class_does():

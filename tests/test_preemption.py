@@ -247,6 +247,8 @@ def test_an_allocation_killed_before_logging_its_exit_is_not_running_once_the_ne
     ]
     history = job_history("7", log)
     assert [(h["ending"], h["end"]) for h in history] == [("killed", 30.0), (None, None)]
+    other = [*log[:3], {"time": 40, "event": "started", "job_id": "8", "restart": 0}]  # the run's next job
+    assert [h["ending"] for h in job_history("7", other)] == ["killed"]
     assert history_lines(history) == [
         "restart 0: from scratch, SIGTERM at step 6, ran 0:30, killed",
         "restart 1: resumed at 6, running",

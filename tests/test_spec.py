@@ -302,6 +302,9 @@ def test_a_hugging_face_name_stays_a_name_unless_such_a_folder_is_beside_the_spe
     assert load_spec(spec_path).model.path == "Qwen/Qwen3-8B"
     (tmp_path / "Qwen" / "Qwen3-8B").mkdir(parents=True)
     assert load_spec(spec_path).model.path == str(tmp_path / "Qwen/Qwen3-8B")
+    spec_path.write_text(yaml.safe_dump({"name": "hub", "model": {"type": "hf", "path": "gpt2"}}))
+    assert load_spec(spec_path).model.path == "gpt2"  # a name without org/ too
+    assert load_spec(spec_path, ["model.path=distilgpt2"]).model.path == "distilgpt2"
 
 
 def test_another_tools_flat_training_yaml_gets_the_hpcds_field_for_every_key(tmp_path):

@@ -254,3 +254,13 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     time.sleep(1)
     leftovers = subprocess.run(["pgrep", "-f", f"--run-dir {run_dir}"], capture_output=True, text=True).stdout
     assert not leftovers.strip(), leftovers  # no rank left behind
+
+
+@pytest.mark.deepspeed
+def test_a_term_to_hpcds_run_alone_reaches_the_ranks(tmp_path):
+    # `kill PID` of the command only (not its process group): it passes the TERM on to the ranks, which save.
+    process, run_dir = _start_quickstart(tmp_path, "")
+    os.kill(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 75, output[-3000:]
+    assert [e["signal"] for e in runs.read_events(run_dir) if e["event"] == "stopped"] == ["SIGTERM"]

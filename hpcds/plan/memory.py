@@ -15,8 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hpcds.plan.params import MAMBA_LAYOUTS, ParamCount, attention_widths, is_tied, layout, mlp_width_per_token
+from hpcds.plan.params import ParamCount, attention_widths, is_tied, mlp_width_per_token
 from hpcds.spec import JobSpec, ModelSpec
+from hpcds.spec.model import SSM_LAYOUTS
 
 GIB = 2**30
 HEADROOM_FRACTION = 0.10  # allocator fragmentation, DeepSpeed's communication buckets, temporary buffers
@@ -163,8 +164,8 @@ def activation_bytes(model: ModelSpec, micro_batch: int, seq_len: int, precision
     """Activation memory per GPU at its peak (end of forward), logits and loss included. docs/memory.md derives it."""
     b, s, v = micro_batch, seq_len, model.vocab_size
     a = 4 if precision == "fp32" else 2  # bytes per activation element
-    family = layout(model)
-    if family in MAMBA_LAYOUTS:
+    family = model.layout
+    if family in SSM_LAYOUTS:
         d = model.d_model
         di, n = model.expand * d, model.d_state
         norm = 4 * d + 2 * a * d  # fp32 residual input saved by the RMSNorm, its normalised output, in_proj's input
@@ -211,12 +212,12 @@ def flops_per_token(model: ModelSpec, params: ParamCount, seq_len: int) -> float
     # Lookups cost no FLOPs: GPT-2's position table, and the input embedding when the head is untied.
     untied_embedding = 0 if is_tied(model) else model.vocab_size * (model.d_model or 0)
     lookups = {"gpt2": model.max_seq_len * (model.d_model or 0), "hf": untied_embedding}
-    lookups |= {family: untied_embedding for family in MAMBA_LAYOUTS}
+    lookups |= {family: untied_embedding for family in SSM_LAYOUTS}
     matmul = params.active_per_token - lookups.get(model.type, 0)
     # 2 forward + 2 for the input gradient per weight, + 2 for the weight gradient of trainable ones (LoRA: adapters)
     dense = 4 * matmul + 2 * min(params.trainable, matmul)
     d = model.d_model or 0
-    family = layout(model)
+    family = model.layout
     if family == "mamba":
         mixing = 9 * model.expand * d * model.d_state  # selective scan forward (Gu & Dao 2023, Sec. 3.3)
     elif family == "mamba2":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from hpcds.errors import HpcdsError
 from hpcds.spec import ModelSpec
-from hpcds.spec.model import MOE_ARCHES, MOE_FIELDS
+from hpcds.spec.model import MOE_ARCHES, MOE_FIELDS, SSM_LAYOUTS
 
 # peft's default LoRA targets (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) per layout; a layout without one
 # (qwen2_moe, qwen3_moe, mamba) needs model.lora.target_modules, as peft does.
@@ -32,7 +32,6 @@ LORA_DEFAULT_TARGETS = {
 }
 # transformers' default tie_word_embeddings per hf_arch, for a spec (or config.json) that does not say
 HF_TIED_BY_DEFAULT = {"gemma2": True, "gemma3": True, "mamba": True}
-MAMBA_LAYOUTS = ("mamba", "mamba2")
 
 
 @dataclass(frozen=True)
@@ -48,16 +47,11 @@ class ParamCount:
         return self.total if self.active is None else self.active
 
 
-def layout(model: ModelSpec) -> str:
-    """The block layout the count follows: the family for mamba / mamba2 / gpt2, `hf_arch` (default llama) for hf."""
-    return (model.hf_arch or "llama") if model.type == "hf" else model.type
-
-
 def is_tied(model: ModelSpec) -> bool:
     """Whether the output head reuses the input embedding: the spec's word, else the layout's default."""
     if model.tie_embeddings is not None:
         return model.tie_embeddings
-    return model.type != "hf" or HF_TIED_BY_DEFAULT.get(layout(model), False)
+    return model.type != "hf" or HF_TIED_BY_DEFAULT.get(model.layout, False)
 
 
 def _hf_sizes(model: ModelSpec) -> tuple[int, int, int]:
@@ -86,7 +80,7 @@ def attention_widths(model: ModelSpec) -> tuple[int, int, int | None]:
 def mlp_width_per_token(model: ModelSpec) -> int:
     """MLP width one token passes through: d_ff, or for a mixture of experts its experts' and the shared expert's."""
     d_ff = model.d_ff or 4 * (model.d_model or 0)
-    if layout(model) not in MOE_ARCHES:
+    if model.layout not in MOE_ARCHES:
         return d_ff
     return model.experts_per_token * (model.expert_d_ff or d_ff) + (model.shared_expert_d_ff or 0)
 
@@ -177,7 +171,7 @@ def _norms(model: ModelSpec, arch: str) -> int:
 
 def _hf_block(model: ModelSpec) -> dict[str, int]:
     """Parameters of one hf decoder block by module (linear layers by their transformers names)."""
-    arch = layout(model)
+    arch = model.layout
     _hf_sizes(model)
     given = [f"model.{name}" for name in MOE_FIELDS if getattr(model, name) is not None]
     if given and arch not in MOE_ARCHES:
@@ -203,11 +197,11 @@ def _hf_ends(model: ModelSpec, arch: str) -> tuple[int, int, int, int]:
 def _layer_modules(model: ModelSpec) -> dict[str, tuple[int, int]]:
     """Per block: LoRA-adaptable linear modules by name -> (in_features, out_features)."""
     d = model.d_model
-    arch = layout(model)
+    arch = model.layout
     if arch == "gpt2":
         d_ff = model.d_ff or 4 * d
         return {"c_attn": (d, 3 * d), "attn.c_proj": (d, d), "c_fc": (d, d_ff), "mlp.c_proj": (d_ff, d)}
-    if arch in MAMBA_LAYOUTS:
+    if arch in SSM_LAYOUTS:
         di = model.expand * d
         if arch == "mamba2":
             heads, conv_dim = di // model.head_dim, di + 2 * model.n_groups * model.d_state
@@ -225,6 +219,9 @@ def _layer_modules(model: ModelSpec) -> dict[str, tuple[int, int]]:
         return modules | {"out_proj": (d, d), "fc_in": (d, d_ff), "fc_out": (d_ff, d)}
     if arch == "phi":
         return modules | {"dense": (q_width, d), "fc1": (d, d_ff), "fc2": (d_ff, d)}
+    if arch == "phi3":  # Llama's weights, q/k/v and gate/up fused into one matrix each
+        return {"qkv_proj": (d, q_width + 2 * kv_width), "o_proj": (q_width, d), "gate_up_proj": (d, 2 * d_ff),
+                "down_proj": (d_ff, d)}  # fmt: skip
     modules["o_proj"] = (q_width, d)
     if arch in ("mixtral", "qwen3_moe"):  # the experts are 3-D parameters, not linear layers peft can adapt
         return modules
@@ -244,7 +241,7 @@ def _lora_params(model: ModelSpec) -> int:
             "and the shape fields, or train every weight"
         )
     modules = _layer_modules(model)
-    arch = layout(model)
+    arch = model.layout
     targets = lora.target_modules or LORA_DEFAULT_TARGETS.get(arch)
     if not targets:
         raise HpcdsError(
@@ -277,14 +274,14 @@ def _given_count(model: ModelSpec) -> tuple[int, int]:
 
 def count_params(model: ModelSpec) -> ParamCount:
     """Parameters of the model transformers builds for this spec; tied weights once, LoRA adapters included."""
-    v, n_layer, arch = model.vocab_size, model.n_layer, layout(model)
+    v, n_layer, arch = model.vocab_size, model.n_layer, model.layout
     active = None
     if model.type == "hf" and model.n_params is not None:
         total, largest = _given_count(model)
         trainable = _lora_params(model) if model.lora is not None else total
         total += trainable if model.lora is not None else 0
         return ParamCount(total=total, trainable=trainable, frozen=total - trainable, largest_layer=largest)
-    if arch in MAMBA_LAYOUTS:
+    if arch in SSM_LAYOUTS:
         d, n_layer, _ = _hf_sizes(model)
         modules = _mamba_block(model) if arch == "mamba" else _mamba2_block(model)
         layer, embedding, final = sum(modules.values()), v * d, d

@@ -22,8 +22,9 @@ from hpcds.plan.memory import (
     model_state_bytes,
     parse_mem_bytes,
 )
-from hpcds.plan.params import MAMBA_LAYOUTS, ParamCount, count_params, layout
+from hpcds.plan.params import ParamCount, count_params
 from hpcds.spec import JobSpec
+from hpcds.spec.model import SSM_LAYOUTS
 
 # Least communication first (the order of the DeepSpeed/transformers guide: 0 > 1 > 2 > 2+offload > 3 > 3+offload).
 # ZeRO-1 with optimizer offload moves as much over PCIe as ZeRO-2 with it while keeping full gradients, so it never
@@ -149,7 +150,7 @@ def plan_job(spec: JobSpec, gpu_mem_gb: float | None = None) -> Plan:
     fixed = Strategy(ds.zero_stage, ds.offload_optimizer != "none", ds.offload_params != "none")
     chosen = next((r for r in rows if r.strategy == fixed), None) if ds.zero_stage != "auto" else None
     notes = []
-    if layout(spec.model) in MAMBA_LAYOUTS:
+    if spec.model.layout in SSM_LAYOUTS:
         notes.append(
             "Mamba activations assume the fused kernels (pip install 'hpcds[gpu]'); the reference path keeps more"
         )

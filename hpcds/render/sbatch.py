@@ -113,17 +113,16 @@ def _sbatch_problems(spec: JobSpec) -> list[Problem]:
     for i, line in enumerate(slurm.setup):
         if _has_control(line):
             problems.append(Problem(f"slurm.setup[{i}]", "has a control character", "one shell line per list item"))
-        words = line.split()
-        if words and words[0] in ENDS_THE_SCRIPT:
+        if REPLACES_THE_SHELL.search(line):
             problems.append(
                 Problem(
                     f"slurm.setup[{i}]",
-                    f"`{words[0]}` would end the batch script before it records how the job ended and requeues it",
-                    "remove the line; setup lines run in the batch shell itself",
+                    "`exec COMMAND` replaces the batch shell, which then never records how the job ended",
+                    "run the command without exec (`exec >file 2>&1`, only redirecting, is fine)",
                 )
             )
         for name in SECRET_ASSIGNMENT.findall(line):
-            if SECRET_NAME.search(name):
+            if SECRET_NAME.search(name) and not name.upper().endswith(NAMES_OF_PLACES):
                 problems.append(
                     Problem(
                         f"slurm.setup[{i}]",
@@ -135,12 +134,13 @@ def _sbatch_problems(spec: JobSpec) -> list[Problem]:
     return problems
 
 
-# Words that end the shell when a setup line starts with them (the batch shell runs setup lines itself).
-ENDS_THE_SCRIPT = ("exit", "exec", "logout", "return")
-# `NAME=value` with a literal value (not `$...` or `"$..."`), at a line's start, after `export`, `;`, `&&` or `|`.
-SECRET_ASSIGNMENT = re.compile(
-    r"""(?:^|[;&|]\s*|\bexport\s+|\bdeclare\s+-x\s+)([A-Za-z_][A-Za-z0-9_]*)=(?!["']?\$)\S"""
-)
+# `exec` with a command (not only redirections) at a line's start or after `;`, `&&`, `||`: the batch shell runs
+# setup lines itself, and would be replaced.
+REPLACES_THE_SHELL = re.compile(r"(?:^|[;&|]\s*)exec\s+(?![0-9]*[<>&])\S")
+# Secret-looking names that hold where a secret is, not the secret (HF_TOKEN_PATH, AWS_SHARED_CREDENTIALS_FILE).
+NAMES_OF_PLACES = ("_PATH", "_FILE", "_DIR")
+# `NAME=value` with a literal value (not `$...` or `"$..."`) wherever a word starts: `export A=1 B=2`, `X=y cmd`.
+SECRET_ASSIGNMENT = re.compile(r"""(?:^|[\s;&|])([A-Za-z_][A-Za-z0-9_]*)=(?!["']?\$)\S""")
 
 
 def check_run_dir(run_dir: str) -> str:

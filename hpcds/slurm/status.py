@@ -111,15 +111,15 @@ def job_history(job_id: str, events: list[dict[str, Any]]) -> list[dict[str, Any
     last_time = None  # of the newest event of the current allocation
     for event in events:
         kind, owner = event["event"], event.get("job_id")
+        if kind == "started" and history and history[-1]["ending"] is None:
+            # A later allocation (of this job or another of the run) began, so this one is over: its batch shell
+            # was killed (after KillWait, say) before it could log its exit. Not "running".
+            history[-1]["ending"], history[-1]["end"] = "killed", last_time
         if owner is not None and str(owner) != job_id:
             if kind == "started":
                 current = None  # another job of the run: its trainer events are not ours
             continue
         if kind == "started":
-            if current is not None and current["ending"] is None:
-                # A later allocation began, so this one is over: its batch shell was killed (after KillWait, say)
-                # before it could log its exit. Not "running".
-                current["ending"], current["end"] = "killed", last_time
             current = {"restart": _as_int(event.get("restart")) or 0, "start": _as_float(event.get("time"))}
             current |= {"end": None, "resumed_from_step": None, "stop": None, "error": None, "ending": None}
             current["rc"] = None

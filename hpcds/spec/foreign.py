@@ -248,22 +248,31 @@ def import_tree(foreign: dict) -> tuple[dict, list[str]]:
     `deepspeed: FILE` is kept as written (the caller resolves it).
     """
     from hpcds.spec.doc import spec_fields
-    from hpcds.spec.tree import set_path
+    from hpcds.spec.tree import get_path, set_path
 
     by_leaf = {field.rsplit(".", 1)[-1]: field for field, _ in spec_fields() if "." in field and "[" not in field}
     tree: dict = {}
     notes = []
     for key, value in foreign.items():
+        found: tuple[str, Any] | None = None
         if key == "deepspeed" and isinstance(value, str):
-            set_path(tree, "deepspeed.config", value)
+            found = ("deepspeed.config", value)
         elif key in DEEPSPEED_KEYS and (isinstance(value, dict) or key not in FOREIGN_KEYS):
             tree.setdefault("deepspeed", {}).setdefault("config", {})[key] = value
-        elif key in by_leaf:  # the spec's own name, written outside its section
-            set_path(tree, by_leaf[key], value)
+            continue
         elif key in ("adam_beta1", "adam_beta2") and {"adam_beta1", "adam_beta2"} <= set(foreign):
-            set_path(tree, "training.adam_betas", [foreign["adam_beta1"], foreign["adam_beta2"]])
-        elif key in FOREIGN_KEYS and (converted := _converted(key, value, FOREIGN_KEYS[key][0], foreign)):
-            set_path(tree, *converted)
-        else:
+            found = ("training.adam_betas", [foreign["adam_beta1"], foreign["adam_beta2"]])
+        elif key in FOREIGN_KEYS:
+            found = _converted(key, value, FOREIGN_KEYS[key][0], foreign)
+        elif key in by_leaf:  # the spec's own name, written outside its section
+            found = (by_leaf[key], value)
+        if found is None:
             notes.append(f"{key}: {value!r}  # {foreign_hint(key, '') or 'no counterpart in hpcds'}")
+            continue
+        field, new = found
+        current = get_path(tree, field)
+        if current is None:
+            set_path(tree, field, new)
+        elif current != new and not (field == "model.lora" and new == {}):  # `finetuning_type: lora` after lora_rank
+            notes.append(f"{key}: {value!r}  # {field} is already {current!r}, from an earlier key")
     return tree, notes

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hpcds.spec.model import MOE_NEEDS, SSM_LAYOUTS
+
 # config.json model_type -> model.hf_arch: the block layout whose weights the planner counts. Mistral's and Phi-3's
-# blocks hold the same weights as Llama's (Phi-3 fuses q/k/v and gate/up into one matrix each, of the same size);
+# blocks hold the same weights as Llama's; Phi-3's too, fused into qkv_proj and gate_up_proj, which LoRA targets;
 # falcon_mamba's mixer normalises B, C and dt without weights of its own.
 HF_LAYOUTS = {
     "llama": "llama",
     "mistral": "llama",
-    "phi3": "llama",
+    "phi3": "phi3",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "gemma2": "gemma2",
@@ -36,7 +38,6 @@ HF_LAYOUTS = {
 }
 # the text model of a multimodal config whose text_config names no model_type (transformers' own choice)
 TEXT_MODEL_TYPES = {"gemma3": "gemma3_text"}
-SSM_LAYOUTS = ("mamba", "mamba2")
 
 # spec field -> config.json keys, first found wins (Llama-like names first, GPT-2/GPT-J's after)
 ATTENTION_KEYS = {
@@ -66,9 +67,7 @@ SSM_KEYS = {
 }
 # what the layouts read beyond the shared shape fields
 _LAYOUT_FIELDS = {
-    "mixtral": ("n_experts", "experts_per_token"),
-    "qwen3_moe": ("n_experts", "experts_per_token", "expert_d_ff"),
-    "qwen2_moe": ("n_experts", "experts_per_token", "expert_d_ff", "shared_expert_d_ff"),
+    **MOE_NEEDS,
     "mamba": ("d_state", "d_conv", "expand"),
     "mamba2": ("d_state", "d_conv", "expand", "head_dim", "n_groups"),
 }

@@ -1,7 +1,7 @@
 """Where a spec's values come from: layering (field defaults < preset < YAML < `--set a.b=value` < CLI flags), the
 user's own DeepSpeed config read into it (hpcds.spec.ds_config), and validation that reports every problem at once
 with its dotted path and a hint. No I/O here except `load_spec`, which reads the YAML file it is given and the
-DeepSpeed config file that names.
+DeepSpeed config file that names, and looks whether a relative `model.path` is a folder beside the spec.
 """
 
 from __future__ import annotations
@@ -185,14 +185,16 @@ def load_spec(
 # says it, so a spec means the same from any directory and the run (which starts elsewhere) finds it.
 PATH_FIELDS = ("model.path", "checkpoint.dir", "deepspeed.nvme_path")
 DATASET_LISTS = ("data.train", "data.val")
-HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "Qwen/Qwen3-8B": a Hugging Face name, not a folder
+# "Qwen/Qwen3-8B", "gpt2": a Hugging Face name (in the local cache), not a folder, unless such a folder is there
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def resolve_paths(tree: dict, folder: Path) -> dict:
     """`tree` (a raw spec tree) with its relative file and folder paths made absolute against `folder`.
 
-    Left as they are: `builtin:` corpora, tokenizer names, and a `model.path` like `org/name` that is no folder
-    under `folder` (a Hugging Face name in the local cache).
+    Left as they are: `builtin:` corpora, tokenizer names, and a `model.path` like `org/name` or `name` that is no
+    folder under `folder` (a Hugging Face name in the local cache). That look at the file system, and `load_spec`'s
+    reading, are this module's only I/O.
     """
     tree = copy.deepcopy(tree)
 

@@ -20,11 +20,18 @@ class LoraSpec(Strict):
 
 
 HfArch = Literal[
-    "llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi", "gptj", "gpt_neox", "mixtral", "qwen2_moe", "qwen3_moe",
-    "mamba", "mamba2",
+    "llama", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "phi", "gptj", "gpt_neox", "mixtral", "qwen2_moe",
+    "qwen3_moe", "mamba", "mamba2",
 ]  # fmt: skip
-MOE_ARCHES = ("mixtral", "qwen2_moe", "qwen3_moe")
 MOE_FIELDS = ("n_experts", "experts_per_token", "expert_d_ff", "shared_expert_d_ff")
+# the expert fields each mixture-of-experts layout needs (config.json gives them)
+MOE_NEEDS = {
+    "mixtral": ("n_experts", "experts_per_token"),
+    "qwen3_moe": ("n_experts", "experts_per_token", "expert_d_ff"),
+    "qwen2_moe": ("n_experts", "experts_per_token", "expert_d_ff", "shared_expert_d_ff"),
+}
+MOE_ARCHES = tuple(MOE_NEEDS)
+SSM_LAYOUTS = ("mamba", "mamba2")  # state-space layouts: no attention, their own shape fields
 
 
 class ModelSpec(Strict):
@@ -54,11 +61,11 @@ class ModelSpec(Strict):
     )
     hf_arch: HfArch | None = Field(
         None,
-        description="hf: block layout the planner counts, from config.json's model_type: llama (also mistral, phi3; "
-        "the default), qwen2 (q/k/v biases), qwen3 (q/k norms), gemma2 (four norms per block), gemma3 (q/k norms, "
-        "four norms), phi (phi-2: biases, one LayerNorm, parallel attention and MLP), gptj (parallel block, MLP "
-        "and head biases), gpt_neox (fused qkv, biases), mixtral, qwen2_moe, qwen3_moe (mixture of experts), "
-        "mamba (also falcon_mamba), mamba2.",
+        description="hf: block layout the planner counts, from config.json's model_type: llama (also mistral; the "
+        "default), phi3 (Llama's weights, q/k/v and gate/up fused: the modules LoRA adapts), qwen2 (q/k/v biases), "
+        "qwen3 (q/k norms), gemma2 (four norms per block), gemma3 (q/k norms, four norms), phi (phi-2: biases, one "
+        "LayerNorm, parallel attention and MLP), gptj (parallel block, MLP and head biases), gpt_neox (fused qkv, "
+        "biases), mixtral, qwen2_moe, qwen3_moe (mixture of experts), mamba (also falcon_mamba), mamba2.",
     )
     n_experts: int | None = Field(
         None,
@@ -124,7 +131,7 @@ class ModelSpec(Strict):
                         "choose n_head dividing d_model",
                     )
                 )
-        if self._layout() == "mamba2" and self.d_model and (self.expand * self.d_model) % self.head_dim:
+        if self.layout == "mamba2" and self.d_model and (self.expand * self.d_model) % self.head_dim:
             problems.append(
                 Problem(
                     "model.head_dim",
@@ -159,7 +166,8 @@ class ModelSpec(Strict):
                 )
         return self
 
-    def _layout(self) -> str:
+    @property
+    def layout(self) -> str:
         """The block layout counted: the family for built-in types, hf_arch (default llama) for hf."""
         return (self.hf_arch or "llama") if self.type == "hf" else self.type
 
@@ -178,17 +186,14 @@ class ModelSpec(Strict):
                         )
                     )
             return
-        needed = ["n_experts", "experts_per_token"]
-        needed += ["expert_d_ff"] if arch != "mixtral" else []
-        needed += ["shared_expert_d_ff"] if arch == "qwen2_moe" else []
-        for field in needed:
+        for field in MOE_NEEDS[arch]:
             if getattr(self, field) is None:
                 problems.append(
                     Problem(
                         f"model.{field}", f"is required for hf_arch {arch}", "config.json gives it; see docs/spec.md"
                     )
                 )
-        if arch != "qwen2_moe" and self.shared_expert_d_ff is not None:
+        if "shared_expert_d_ff" not in MOE_NEEDS[arch] and self.shared_expert_d_ff is not None:
             problems.append(Problem("model.shared_expert_d_ff", f"hf_arch {arch} has no shared expert"))
         if self.n_experts and self.experts_per_token and self.experts_per_token > self.n_experts:
             problems.append(
