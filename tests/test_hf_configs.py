@@ -211,11 +211,11 @@ def test_other_commands_see_the_filled_shape(tmp_path):
     folder = shutil.copytree(FIXTURES / "Qwen3-30B-A3B", tmp_path / "qwen")
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(f"name: x\nmodel:\n  type: hf\n  path: {folder}\ndeepspeed:\n  zero_stage: 3\n")
-    result = CliRunner().invoke(cli, ["render", str(spec_path), "--ds-config"])
+    result = CliRunner().invoke(cli, ["render", str(spec_path), "--ds-config", "--force"])  # 30B on one GPU
     assert result.exit_code == 0, result.output
     # ZeRO-3's buckets follow the hidden size (hpcds.plan.memory.zero_buckets): hidden_size² from the folder's file,
     # where a spec without the shape would get DeepSpeed's fixed default
-    zero = json.loads(result.output)["zero_optimization"]
+    zero = json.loads(result.stdout)["zero_optimization"]
     assert zero["reduce_bucket_size"] == 2048 * 2048
     assert "read from" not in result.output
 

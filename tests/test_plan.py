@@ -6,10 +6,12 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from hpcds import runs
 from hpcds.cli import cli
 from hpcds.errors import HpcdsError
 from hpcds.plan import (
@@ -545,3 +547,37 @@ def test_plan_with_a_local_folder_stays_light(tmp_path):
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("nodes", [None, 2])
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_plans_a_strategy_that_fits_its_hardware(config, nodes):
+    from hpcds.model_folder import with_folder_shape
+    from hpcds.plan import misfit
+
+    spec, _ = with_folder_shape(load_spec(config, [], {"nodes": nodes}))
+    pinned = pin_strategy(spec)
+    assert misfit(pinned) is None
+    if pinned.slurm.gpus_per_node:
+        assert plan_job(pinned).chosen.fits
+
+
+def test_a_pinned_strategy_that_does_not_fit_is_refused_unless_forced(tmp_path, capsys):
+    from hpcds.cli import main
+
+    args = ["--preset", "7b_mamba", "--nodes", "2", "--gpus-per-node", "4", "--set", "slurm.gpu_mem_gb=24"]
+    args += ["--set", "deepspeed.zero_stage=2", "--set", "training.activation_checkpointing=true"]
+    for command in (["submit", "--dry-run"], ["render"]):
+        with pytest.raises(SystemExit) as exited:
+            main([*command, *args, "--runs-dir", str(tmp_path)])
+        err = " ".join(capsys.readouterr().err.split())
+        assert exited.value.code == 1 and "deepspeed: ZeRO-2 does not fit 6.92B parameters" in err, err
+        assert "GiB short per GPU" in err and "strategies that fit: ZeRO-2 + optimizer→CPU" in err
+    assert not list(tmp_path.iterdir())  # nothing created
+    main(["submit", "--dry-run", *args, "--runs-dir", str(tmp_path), "--force"])
+    (run_dir,) = runs.list_runs(tmp_path)
+    (forced,) = [e for e in runs.read_events(run_dir) if e["event"] == "forced"]
+    assert forced["verdict"].startswith("deepspeed: ZeRO-2 does not fit")

@@ -11,6 +11,7 @@ import yaml
 
 from hpcds.durations import parse_slurm_time_s
 from hpcds.errors import SpecError
+from hpcds.plan import pin_strategy
 from hpcds.spec import load_spec, parse_set, validate_spec
 from hpcds.spec.doc import render_spec_reference, spec_fields
 from hpcds.spec.presets import PRESETS
@@ -189,7 +190,10 @@ def test_configs_validate_and_explain_every_line(config):
 def test_seed_configs_match_the_issue():
     m7 = load_spec(ROOT / "configs/mamba7b.yaml")
     assert (m7.training.micro_batch_size, m7.training.grad_accum_steps, m7.training.lr) == (1, 8, 1e-4)
-    assert (m7.training.max_steps, m7.deepspeed.zero_stage) == (200000, 2)
+    assert (m7.training.max_steps, m7.deepspeed.zero_stage) == (200000, "auto")
+    # ZeRO-2 as the issue asked, with the optimizer offloaded: the planner's pick for 2 nodes of 4 x 24 GB
+    pinned = pin_strategy(load_spec(ROOT / "configs/mamba7b.yaml", flags={"nodes": 2}))
+    assert (pinned.deepspeed.zero_stage, pinned.deepspeed.offload_optimizer) == (2, "cpu")
     g = load_spec(ROOT / "configs/gpt2-xl.yaml")
     assert (g.deepspeed.zero_stage, g.training.precision, g.training.micro_batch_size) == (2, "fp16", 1)
     assert (g.training.grad_accum_steps, g.training.lr) == (32, 3e-5)

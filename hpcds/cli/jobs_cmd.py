@@ -21,6 +21,7 @@ from rich.console import Console
 from hpcds import facts, runs, slurm
 from hpcds.cli import COMMAND_SETTINGS
 from hpcds.cli.common import console, err_console, print_json, runs_root_option, spec_options
+from hpcds.cli.render_cmd import FORCE_HELP
 from hpcds.errors import HpcdsError
 from hpcds.slurm.status import (
     ACTIVE_STATES,
@@ -41,7 +42,8 @@ from hpcds.slurm.status import (
 @click.option("--dry-run", is_flag=True, help="Create the run directory and print its paths; do not submit.")
 @click.option("--check-memory", is_flag=True, help="Print the memory plan and exit without submitting.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def submit(spec, spec_path, runs_root: Path, name, dry_run, check_memory, as_json) -> None:
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def submit(spec, spec_path, runs_root: Path, name, dry_run, check_memory, as_json, force) -> None:
     """Submit SPEC to Slurm as a new run (sbatch), creating its run directory."""
     if name:
         from hpcds.spec import deep_merge, validate_spec
@@ -52,7 +54,7 @@ def submit(spec, spec_path, runs_root: Path, name, dry_run, check_memory, as_jso
 
         print_plan(spec)
         return
-    run_dir, job_id = submit_run(spec, runs_root, dry_run=dry_run)
+    run_dir, job_id = submit_run(spec, runs_root, dry_run=dry_run, force=force)
     result = {
         "name": run_dir.name,
         "job_id": job_id,
@@ -72,12 +74,12 @@ def submit(spec, spec_path, runs_root: Path, name, dry_run, check_memory, as_jso
         console.print(f"  status   hpcds status {result['name']}")
 
 
-def submit_run(spec, runs_root: Path, *, dry_run: bool = False) -> tuple[Path, str | None]:
+def submit_run(spec, runs_root: Path, *, dry_run: bool = False, force: bool = False) -> tuple[Path, str | None]:
     """Create the run directory and (unless dry_run) submit it; no run directory is left behind when sbatch fails."""
-    from hpcds.cli.render_cmd import checked_run_files
+    from hpcds.cli.render_cmd import checked_run_files, record_forced
     from hpcds.render import hpcds_command, render_sbatch
 
-    pinned, files = checked_run_files(spec)
+    pinned, files, forced = checked_run_files(spec, force)
     hpcds_cmd = hpcds_command()
 
     def files_for(run_dir: Path) -> dict[str, str]:
@@ -85,6 +87,7 @@ def submit_run(spec, runs_root: Path, *, dry_run: bool = False) -> tuple[Path, s
 
     meta = {"wandb_id": runs.new_wandb_id(), "spec_name": spec.name}
     run_dir = runs.create_run(runs_root, pinned.name, files_for, meta=meta)
+    record_forced(run_dir, forced)
     if dry_run:
         return run_dir, None
     try:

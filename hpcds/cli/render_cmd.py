@@ -22,29 +22,49 @@ from hpcds.spec import JobSpec
 PREPARED_JOB_KEY = "prepared_for_job"
 
 
-def checked_run_files(spec: JobSpec) -> tuple[JobSpec, dict[str, str]]:
-    """The pinned spec and the run's files (`hpcds.render.render_run_files`), with DeepSpeed's own verdict on the
-    DeepSpeed config first: what it refuses raises here, before anything is created or queued; keys it would ignore
-    are warned about on stderr."""
+FORCE_HELP = "Go ahead even if the planner says the ZeRO strategy does not fit (recorded in the event log)."
+
+
+def fitting(pinned: JobSpec, force: bool) -> str | None:
+    """None when the pinned strategy fits its GPUs; the planner's verdict when it does not and `force` says go ahead
+    (the caller records it); an error otherwise, before anything is created or queued."""
+    from hpcds.plan import misfit
+
+    why = misfit(pinned)
+    if why is not None and not force:
+        raise HpcdsError(why)
+    if why is not None:
+        click.echo(f"warning (--force): {why.splitlines()[0]}", err=True)
+    return why
+
+
+def checked_run_files(spec: JobSpec, force: bool = False) -> tuple[JobSpec, dict[str, str], str | None]:
+    """The pinned spec, the run's files (`hpcds.render.render_run_files`) and the planner's misfit verdict that
+    `force` overrode, after two checks: the strategy fits (`fitting`), and DeepSpeed's own config classes accept the
+    DeepSpeed config (what they refuse raises here, before anything is created or queued; keys they would ignore are
+    warned about on stderr)."""
     import json
 
     from hpcds.deepspeed_check import check_with_deepspeed
     from hpcds.render import render_run_files
 
     pinned, files = render_run_files(spec)
+    forced = fitting(pinned, force)
     ignored = check_with_deepspeed(json.loads(files[facts.DS_CONFIG_FILE]), pinned.world_size, spec.name)
     for problem in ignored:
         click.echo(f"warning: {problem}", err=True)
-    return pinned, files
+    return pinned, files, forced
 
 
-def write_run_dir(spec: JobSpec, runs_root: Path, meta: dict[str, Any] | None = None) -> tuple[Path, JobSpec]:
+def write_run_dir(
+    spec: JobSpec, runs_root: Path, meta: dict[str, Any] | None = None, force: bool = False
+) -> tuple[Path, JobSpec]:
     """Pin the strategy and create `<runs_root>/<name>-<stamp>` with spec.yaml, ds_config.json and job.sbatch (which
     calls this interpreter's hpcds by absolute path, so the job needs no activated environment)."""
     from hpcds import runs
     from hpcds.render import check_run_dir, hpcds_command, render_sbatch
 
-    pinned, files = checked_run_files(spec)
+    pinned, files, forced = checked_run_files(spec, force)
     check_run_dir(str(Path(runs_root).absolute() / spec.name))  # fail before creating anything
 
     def files_for(run_dir: Path) -> dict[str, str]:
@@ -56,7 +76,17 @@ def write_run_dir(spec: JobSpec, runs_root: Path, meta: dict[str, Any] | None = 
         }
 
     full_meta = {"wandb_id": runs.new_wandb_id(), "spec_name": spec.name, **(meta or {})}
-    return runs.create_run(Path(runs_root), spec.name, files_for, full_meta), pinned
+    run_dir = runs.create_run(Path(runs_root), spec.name, files_for, full_meta)
+    record_forced(run_dir, forced)
+    return run_dir, pinned
+
+
+def record_forced(run_dir: Path, forced: str | None) -> None:
+    """A `forced` event in a run created with --force over the planner's misfit verdict, which it quotes."""
+    if forced is not None:
+        from hpcds import runs
+
+        runs.append_event(run_dir, "forced", verdict=forced.splitlines()[0])
 
 
 def find_prepared_run(runs_root: Path, job_id: str) -> Path | None:
@@ -78,22 +108,26 @@ def find_prepared_run(runs_root: Path, job_id: str) -> Path | None:
     help="Run directory the script names (default: where `hpcds submit` would create it now).",
 )
 @runs_root_option
-def render(spec: JobSpec, spec_path: Path | None, ds_config: bool, run_dir: Path | None, runs_root: Path) -> None:
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def render(
+    spec: JobSpec, spec_path: Path | None, ds_config: bool, run_dir: Path | None, runs_root: Path, force: bool
+) -> None:
     """Print the batch script for SPEC (or its DeepSpeed config) without creating or submitting anything.
 
     The script is what the run directory's job.sbatch would hold (it passes `bash -n` and shellcheck); the
     DeepSpeed config has the ZeRO stage pinned as `hpcds submit` would pin it.
     """
+    from hpcds.plan import pin_strategy
     from hpcds.render import hpcds_command, render_ds_config_json, render_sbatch
 
+    pinned = pin_strategy(spec)
+    fitting(pinned, force)
     if ds_config:
-        from hpcds.plan import pin_strategy
-
-        click.echo(render_ds_config_json(pin_strategy(spec)), nl=False)
+        click.echo(render_ds_config_json(pinned), nl=False)
         return
     if run_dir is None:
         run_dir = Path(runs_root) / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    click.echo(render_sbatch(spec, str(Path(run_dir).absolute()), hpcds_command()), nl=False)
+    click.echo(render_sbatch(pinned, str(Path(run_dir).absolute()), hpcds_command()), nl=False)
 
 
 # spec_options' arguments and flags, with the loading left to `prepare`: a requeued job must find its run directory

@@ -19,6 +19,7 @@ import click
 from hpcds import facts, runs
 from hpcds.cli import COMMAND_SETTINGS
 from hpcds.cli.common import console, runs_root_option, spec_options
+from hpcds.cli.render_cmd import FORCE_HELP
 from hpcds.errors import CommandError, HpcdsError
 from hpcds.facts import EXIT_REQUEUE
 
@@ -63,11 +64,11 @@ def find_resumable_run(root: Path, spec_text: str) -> Path | None:
     return None
 
 
-def prepare_run(spec, root: Path, *, new: bool = False) -> tuple[Path, bool]:
+def prepare_run(spec, root: Path, *, new: bool = False, force: bool = False) -> tuple[Path, bool]:
     """(run directory, reused?) for a local run of `spec` (already one node)."""
-    from hpcds.cli.render_cmd import checked_run_files
+    from hpcds.cli.render_cmd import checked_run_files, record_forced
 
-    pinned, files = checked_run_files(spec)
+    pinned, files, forced = checked_run_files(spec, force)
     if not new:
         found = find_resumable_run(root, files[facts.SPEC_FILE])
         if found is not None:
@@ -78,6 +79,7 @@ def prepare_run(spec, root: Path, *, new: bool = False) -> tuple[Path, bool]:
         lambda _: files,
         meta={"wandb_id": runs.new_wandb_id(), "spec_name": spec.name, "local": True},
     )
+    record_forced(run_dir, forced)
     return run_dir, False
 
 
@@ -94,14 +96,15 @@ def last_ending(run_dir: Path, since_time: float) -> dict | None:
 @click.option("--ranks", type=click.IntRange(min=1), help="Processes on this machine (default: the spec's ranks).")
 @click.option("--new", is_flag=True, help="Start a fresh run even if an unfinished one with this spec exists.")
 @runs_root_option
-def run_command(spec, spec_path, ranks, new, runs_root):
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def run_command(spec, spec_path, ranks, new, runs_root, force):
     """Train SPEC on this machine (CPU ranks on gloo, or the GPUs); Ctrl-C saves, the same command resumes."""
     import time
 
     from hpcds.launch import launch_local
 
     spec = local_spec(spec, ranks)
-    run_dir, reused = prepare_run(spec, runs_root, new=new)
+    run_dir, reused = prepare_run(spec, runs_root, new=new, force=force)
     _say(f"{'resuming run' if reused else 'new run'}: {run_dir}")
     started = time.time()
     code = launch_local(run_dir, spec.slurm.ranks)

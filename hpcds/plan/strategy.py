@@ -199,6 +199,28 @@ def pin_strategy(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"deepspeed": ds.model_copy(update=update)})
 
 
+def misfit(spec: JobSpec) -> str | None:
+    """Why a pinned spec's strategy does not fit its GPUs, as `hpcds plan` says it, with the strategies that do fit;
+    None when it fits, or when the spec runs CPU ranks (the planner sizes GPU memory)."""
+    if spec.slurm.gpus_per_node == 0 or spec.deepspeed.zero_stage == "auto":
+        return None
+    plan = plan_job(spec)
+    chosen = plan.chosen
+    if chosen is None or chosen.fits:
+        return None
+    headroom = chosen.headroom_bytes
+    short = f"{-headroom / GIB:.1f} GiB short per GPU" if headroom < 0 else "too little CPU RAM per node"
+    fitting = [row.strategy.name for row in plan.rows if row.fits]
+    lines = [
+        f"deepspeed: {chosen.strategy.name} does not fit {plan.params.total / 1e9:.2f}B parameters on "
+        f"{plan.nodes} node(s) x {plan.gpus_per_node} GPU(s) of {plan.gpu_mem_bytes / GIB:.0f} GiB ({short})",
+        "strategies that fit: " + (", ".join(fitting) if fitting else "none (`hpcds plan` shows what each needs)"),
+        "hint: set deepspeed.zero_stage: auto (the planner picks), or the stage and offload of one that fits; "
+        "--force submits it anyway",
+    ]
+    return "\n".join(lines)
+
+
 def _nothing_fits_message(spec: JobSpec, plan: Plan) -> str:
     best = min((r for r in plan.rows if _allowed(spec, r.strategy)), key=lambda r: r.total_bytes)
     lines = [
