@@ -556,11 +556,11 @@ SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_plans_a_strategy_that_fits_its_hardware(config, nodes):
     from hpcds.model_folder import with_folder_shape
-    from hpcds.plan import misfit
+    from hpcds.plan import lead_shortfall, misfit
 
     spec, _ = with_folder_shape(load_spec(config, [], {"nodes": nodes}))
     pinned = pin_strategy(spec)
-    assert misfit(pinned) is None
+    assert misfit(pinned) is None and lead_shortfall(pinned) is None
     if pinned.slurm.gpus_per_node:
         assert plan_job(pinned).chosen.fits
 
@@ -581,3 +581,20 @@ def test_a_pinned_strategy_that_does_not_fit_is_refused_unless_forced(tmp_path, 
     (run_dir,) = runs.list_runs(tmp_path)
     (forced,) = [e for e in runs.read_events(run_dir) if e["event"] == "forced"]
     assert forced["verdict"].startswith("deepspeed: ZeRO-2 does not fit")
+
+
+def test_a_warning_lead_too_short_for_the_checkpoint_is_refused_with_the_numbers(tmp_path, capsys):
+    from hpcds.cli import main
+
+    # 7B Mamba: 90.3 GiB per save; at 1 GB/s (the default) a save takes 97 s, so the lead needs 2 x 97 + 30 = 224 s.
+    args = ["--preset", "7b_mamba", "--nodes", "2", "--gpus-per-node", "4", "--set", "slurm.gpu_mem_gb=80"]
+    args += ["--set", "slurm.signal_lead_s=200", "--runs-dir", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        main(["submit", "--dry-run", *args])
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        "slurm.signal_lead_s: 200 s is shorter than 2 x 97 s (a 90.3 GiB checkpoint at checkpoint.write_gbps 1)" in err
+    )
+    assert "+ 30 s = 224 s" in err and not list(tmp_path.iterdir())
+    main(["submit", "--dry-run", *args, "--set", "checkpoint.write_gbps=4"])  # a faster file system: 2 x 24 + 30 s
+    assert len(runs.list_runs(tmp_path)) == 1

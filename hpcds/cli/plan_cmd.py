@@ -14,7 +14,7 @@ from rich.table import Table
 
 from hpcds.cli import COMMAND_SETTINGS
 from hpcds.cli.common import SHAPE_NOTES_KEY, console, print_json, spec_options
-from hpcds.plan import GIB, Plan, checkpoint_save_s, plan_job
+from hpcds.plan import GIB, Plan, checkpoint_save_s, lead_needed_s, plan_job
 from hpcds.spec import JobSpec
 
 
@@ -94,11 +94,12 @@ def print_plan(spec: JobSpec, gpu_mem_gb: float | None = None, as_json: bool = F
         line += f", trainable {params.trainable:,}"
     console.print(line)
     console.print(f"FLOPs per token (training, forward + backward): {plan.flops_per_token:.3e}")
-    save_s = checkpoint_save_s(plan.checkpoint_bytes)
-    lead_s = spec.slurm.signal_lead_s
-    verdict = "ok" if lead_s >= 2 * save_s else "[yellow]consider raising it[/]"
+    gbps = spec.checkpoint.write_gbps
+    save_s = checkpoint_save_s(plan.checkpoint_bytes, gbps)
+    lead_s, need_s = spec.slurm.signal_lead_s, lead_needed_s(spec, plan)
+    verdict = "ok" if lead_s >= need_s else f"[bold red]too short[/] (needs {need_s:.0f} s: 2 saves + 30 s)"
     console.print(
-        f"checkpoint: {_size(plan.checkpoint_bytes)} per save, ~{save_s:.0f} s at 1 GB/s; "
+        f"checkpoint: {_size(plan.checkpoint_bytes)} per save, ~{save_s:.0f} s at {gbps:g} GB/s; "
         f"slurm.signal_lead_s = {lead_s} s: {verdict}"
     )
     chosen, best = plan.chosen, plan.recommended

@@ -26,11 +26,12 @@ FORCE_HELP = "Go ahead even if the planner says the ZeRO strategy does not fit (
 
 
 def fitting(pinned: JobSpec, force: bool) -> str | None:
-    """None when the pinned strategy fits its GPUs; the planner's verdict when it does not and `force` says go ahead
-    (the caller records it); an error otherwise, before anything is created or queued."""
-    from hpcds.plan import misfit
+    """None when the pinned strategy fits its GPUs and the warning's lead covers a save; the planner's verdict when
+    not and `force` says go ahead (the caller records it); an error otherwise, before anything is created or queued."""
+    from hpcds.plan import lead_shortfall, misfit
 
-    why = misfit(pinned)
+    found = [why for why in (misfit(pinned), lead_shortfall(pinned)) if why is not None]
+    why = "\n".join(found) if found else None
     if why is not None and not force:
         raise HpcdsError(why)
     if why is not None:

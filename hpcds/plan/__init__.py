@@ -15,7 +15,16 @@ from hpcds.plan.memory import (
     zero_buckets,
 )
 from hpcds.plan.params import ParamCount, count_params
-from hpcds.plan.strategy import STRATEGY_ORDER, Plan, PlanRow, misfit, pin_strategy, plan_job
+from hpcds.plan.strategy import (
+    STRATEGY_ORDER,
+    Plan,
+    PlanRow,
+    lead_needed_s,
+    lead_shortfall,
+    misfit,
+    pin_strategy,
+    plan_job,
+)
 
 __all__ = [
     "GIB",
@@ -30,6 +39,8 @@ __all__ = [
     "checkpoint_save_s",
     "count_params",
     "flops_per_token",
+    "lead_needed_s",
+    "lead_shortfall",
     "misfit",
     "model_state_bytes",
     "parse_mem_bytes",

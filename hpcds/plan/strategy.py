@@ -221,6 +221,31 @@ def misfit(spec: JobSpec) -> str | None:
     return "\n".join(lines)
 
 
+# docs/preemption.md's rule for the warning's lead: two saves (one may be running when it comes) and a margin for the
+# step in flight and the exit; the slowest step is the person's to add.
+LEAD_MARGIN_S = 30
+
+
+def lead_needed_s(spec: JobSpec, plan: Plan) -> float:
+    """Seconds of warning one save-and-stop needs: 2 x the save time at checkpoint.write_gbps + LEAD_MARGIN_S."""
+    return 2 * checkpoint_save_s(plan.checkpoint_bytes, spec.checkpoint.write_gbps) + LEAD_MARGIN_S
+
+
+def lead_shortfall(spec: JobSpec) -> str | None:
+    """Why slurm.signal_lead_s is too short for this spec's checkpoint, or None."""
+    plan = plan_job(spec)
+    need_s = lead_needed_s(spec, plan)
+    if spec.slurm.signal_lead_s >= need_s:
+        return None
+    save_s = checkpoint_save_s(plan.checkpoint_bytes, spec.checkpoint.write_gbps)
+    return (
+        f"slurm.signal_lead_s: {spec.slurm.signal_lead_s} s is shorter than 2 x {save_s:.0f} s (a "
+        f"{plan.checkpoint_bytes / GIB:.1f} GiB checkpoint at checkpoint.write_gbps {spec.checkpoint.write_gbps:g}) "
+        f"+ {LEAD_MARGIN_S} s = {need_s:.0f} s, so the save after Slurm's warning may not finish\n"
+        "hint: raise slurm.signal_lead_s (add your slowest step), or state your file system's checkpoint.write_gbps"
+    )
+
+
 def _nothing_fits_message(spec: JobSpec, plan: Plan) -> str:
     best = min((r for r in plan.rows if _allowed(spec, r.strategy)), key=lambda r: r.total_bytes)
     lines = [

@@ -159,6 +159,12 @@ class CheckpointSpec(Strict):
     every_steps: int = Field(1000, ge=1, description="Save every N optimizer steps.")
     keep_last: int = Field(3, ge=1, description="Keep the newest K checkpoints (best and final are kept too).")
     keep_every_steps: int | None = Field(None, ge=1, description="Also keep every checkpoint at a multiple of N.")
+    write_gbps: float = Field(
+        1.0,
+        gt=0,
+        description="Write bandwidth of the checkpoint folder's file system in GB/s, all ranks together: the "
+        "planner's save-time estimate, checked against slurm.signal_lead_s (1 is a shared file system's worst case).",
+    )
 
 
 class SlurmSpec(Strict):
