@@ -135,7 +135,8 @@ def test_golden_script_has_every_resource_and_the_contract_lines():
     lines = text.splitlines()
     first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
     assert max(i for i, line in enumerate(lines) if line.startswith("#SBATCH")) < first_command
-    assert 'srun --ntasks-per-node=1 --kill-on-bad-exit=1 hpcds launch "$RUN_DIR"' in text
+    # the step gets the CPUs the job asked for (Slurm 22.05-23.02 srun does not inherit them)
+    assert 'srun --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=32 hpcds launch "$RUN_DIR"' in text
     assert "export NOTE='it'\"'\"'s $HOME; `not run`'" in text  # literal, never expanded
     assert "module load cuda/12.4\nsource ~/envs/train/bin/activate\n" in text  # setup lines verbatim
 

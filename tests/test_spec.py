@@ -381,3 +381,12 @@ def test_public_training_yaml_of_other_tools_gets_the_hpcds_field_for_every_key(
             key,
             hints[key],
         )
+
+
+def test_more_ranks_than_gpus_per_node_is_refused():
+    with pytest.raises(SpecError) as excinfo:
+        load_spec(None, ["slurm.ranks_per_node=8"], {"gpus_per_node": 4}, preset="quickstart")
+    assert [p.path for p in excinfo.value.problems] == ["slurm.ranks_per_node"]
+    assert "at most 4" in excinfo.value.problems[0].hint
+    load_spec(None, ["slurm.ranks_per_node=2"], {"gpus_per_node": 4}, preset="quickstart")  # fewer: GPUs left idle
+    load_spec(None, ["slurm.ranks_per_node=8"], {"gpus_per_node": 0}, preset="quickstart")  # CPU ranks: any number

@@ -196,6 +196,9 @@ def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = 
             nodes=slurm.nodes,
             gpus_per_node=slurm.gpus_per_node,
             resource_flags=resources,
+            # Slurm 22.05-23.02 srun ignores SLURM_CPUS_PER_TASK: without this the launcher, every rank and DeepSpeed's
+            # CPU Adam share one core under a binding TaskPlugin (task/affinity, task/cgroup).
+            srun_cpus=f" --cpus-per-task={slurm.cpus_per_task}" if slurm.cpus_per_task is not None else "",
             signal_lead_s=slurm.signal_lead_s,
             output_path=f"{run_dir.rstrip('/') or '/'}/slurm-%j.out",
             extra_sbatch=list(slurm.extra_sbatch),

@@ -208,6 +208,15 @@ class SlurmSpec(Strict):
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> SlurmSpec:
+        if self.gpus_per_node and self.ranks_per_node and self.ranks_per_node > self.gpus_per_node:
+            _problems(info).append(
+                Problem(
+                    "slurm.ranks_per_node",
+                    f"{self.ranks_per_node} ranks per node share {self.gpus_per_node} GPU(s): each rank takes the "
+                    "GPU of its local rank number, and the ones beyond the last GPU would fail at start",
+                    f"at most {self.gpus_per_node} (or leave it unset: one rank per GPU)",
+                )
+            )
         for name in self.env:
             if SECRET_NAME.search(name):
                 _problems(info).append(
