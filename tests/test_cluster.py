@@ -210,9 +210,30 @@ def test_finished_runs_outlive_the_scheduler(failed_run, runs_root):
     """Slurm purges finished jobs after MinJobAge; status then answers from the run's own event log."""
     job_id = runs.read_meta(failed_run)["job_ids"][-1]
     deadline = time.monotonic() + 180
-    while any(job.job_id == job_id for job in slurm.squeue_all()):
+    while any(job.job_id == job_id for job in slurm.squeue_mine()):
         if time.monotonic() > deadline:
             pytest.fail(f"Slurm still lists job {job_id} after 180 s (MinJobAge in {os.environ['SLURM_CONF']}?)")
         time.sleep(2)
     row = status_of(runs_root, failed_run.name)
     assert (row["state"], row["exit_code"], row["source"]) == ("FAILED", 3, "events")
+
+
+def test_status_asks_slurm_only_for_this_users_jobs(slurm_cluster):
+    """On a busy cluster squeue lists everyone's jobs; hpcds asks for its user's (`--me`). Another user's held jobs
+    are in the queue, and not in what status reads."""
+    other = ["runuser", "-u", "nobody", "--", "env", f"SLURM_CONF={slurm_cluster.conf}", "sbatch", "--parsable"]
+    other += ["--hold", "-J", "someone-else", "-o", "/dev/null", "--wrap", "sleep 1"]
+    theirs = {subprocess.run(other, capture_output=True, text=True, check=True).stdout.strip() for _ in range(20)}
+    try:
+        everyone = {
+            job.job_id
+            for job in slurm.parse_squeue(
+                slurm.run(["squeue", "--noheader", "--states=all", "-O", slurm.SQUEUE_FORMAT])
+            )
+        }
+        assert theirs <= everyone  # they are there to be seen
+        calls = slurm.CALLS["squeue"]
+        mine = {job.job_id for job in slurm.squeue_mine()}
+        assert not theirs & mine and slurm.CALLS["squeue"] == calls + 1
+    finally:
+        subprocess.run(["scancel", "-u", "nobody"], capture_output=True, check=False)

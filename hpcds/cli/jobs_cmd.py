@@ -179,7 +179,7 @@ class StatusSource:
         error = None
         if run_dirs:
             try:
-                jobs = {job.job_id: job for job in slurm.squeue_all()}
+                jobs = {job.job_id: job for job in slurm.squeue_mine()}
             except HpcdsError as exc:
                 error = exc
         snapshots = [(run_dir, read_run(run_dir, jobs)) for run_dir in run_dirs]
@@ -349,7 +349,7 @@ def logs(name, runs_root: Path, follow) -> None:
         if job_id is None or time.monotonic() - last_check < 2.0:
             continue
         last_check = time.monotonic()
-        jobs = {job.job_id: job for job in slurm.squeue_all()}
+        jobs = {job.job_id: job for job in slurm.squeue_mine()}
         job = jobs.get(str(job_id))
         if job is None or (job.state not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED")):
             for path in log_files(run_dir):

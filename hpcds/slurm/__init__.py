@@ -1,7 +1,7 @@
 """Everything hpcds does with Slurm: `commands` runs its tools (the only module that does), `parse` reads their
 output, `status` merges Slurm's word with a run directory's into one row per run.
 
-`from hpcds import slurm` gives the commands and parsers under one name: `slurm.squeue_all()`, `slurm.parse_squeue`.
+`from hpcds import slurm` gives the commands and parsers under one name: `slurm.squeue_mine()`, `slurm.parse_squeue`.
 """
 
 from hpcds.slurm.commands import (
@@ -14,7 +14,7 @@ from hpcds.slurm.commands import (
     scancel,
     show_config,
     show_hostnames,
-    squeue_all,
+    squeue_mine,
 )
 from hpcds.slurm.parse import (
     SACCT_FIELDS,
@@ -49,5 +49,5 @@ __all__ = [
     "scancel",
     "show_config",
     "show_hostnames",
-    "squeue_all",
+    "squeue_mine",
 ]

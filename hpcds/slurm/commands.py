@@ -2,8 +2,9 @@
 
 Each adapter is one subprocess call; its text goes through a pure `parse_*` function (tested on output captured from a
 real Slurm 22.05). A command that is missing or fails raises `CommandError` with the command line and Slurm's stderr.
-`squeue_all` asks once for every job the controller still knows, whatever the number of runs: callers filter in
-Python, so `hpcds status` costs one call per refresh. `CALLS` counts calls per command (the status benchmark reads it).
+`squeue_mine` asks once for every job of this user the controller still knows, whatever the number of runs: callers
+filter in Python, so `hpcds status` costs one call per refresh, and other users' jobs (a busy cluster's thousands)
+never cross the wire. `CALLS` counts calls per command (the status benchmark reads it).
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ def sbatch(script: Path, *, cwd: Path) -> str:
         raise CommandError(argv, 0, str(exc)) from None
 
 
-def squeue_all() -> list[JobState]:
-    """Every job the controller still knows (pending, running and recently finished), in one call."""
-    return parse_squeue(run(["squeue", "--noheader", "--states=all", "-O", SQUEUE_FORMAT]))
+def squeue_mine() -> list[JobState]:
+    """Every job of this user the controller still knows (pending, running and recently finished), in one call."""
+    return parse_squeue(run(["squeue", "--noheader", "--me", "--states=all", "-O", SQUEUE_FORMAT]))
 
 
 def show_hostnames(nodelist: str) -> list[str]:
