@@ -5,9 +5,9 @@ object every engine builds first) in a child process: importing DeepSpeed takes 
 login-node commands keep out of their own process. Every refusal comes back as a Problem at its dotted path: the
 child drops each refused setting and asks again, so all the refusals of DeepSpeed's config models (pydantic) come
 at once, and of its other checks (asserts) those whose message names a top-level key; an assert naming none ends
-the list. Keys DeepSpeed never reads are problems too (DeepSpeed
-ignores them without a word, so a misspelt `zero_optimizaton` would silently train without ZeRO); each gets
-"did you mean" from the keys DeepSpeed did look for at that place.
+the list. Top-level keys DeepSpeed never looks up are problems too (it ignores them without a word, so a misspelt
+`zero_optimizaton` would silently train without it): refused when close to a key it reads, with "did you mean",
+and otherwise returned to be shown as warnings.
 """
 
 from __future__ import annotations
