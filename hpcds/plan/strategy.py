@@ -232,7 +232,10 @@ def lead_needed_s(spec: JobSpec, plan: Plan) -> float:
 
 
 def lead_shortfall(spec: JobSpec) -> str | None:
-    """Why slurm.signal_lead_s is too short for this spec's checkpoint, or None."""
+    """Why slurm.signal_lead_s is too short for this spec's checkpoint, or None; specs for CPU ranks (tests, local
+    debugging, often without a planned shape) are not judged, as `misfit` does not judge them."""
+    if spec.slurm.gpus_per_node == 0:
+        return None
     plan = plan_job(spec)
     need_s = lead_needed_s(spec, plan)
     if spec.slurm.signal_lead_s >= need_s:
