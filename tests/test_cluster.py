@@ -149,7 +149,9 @@ def test_cancel_ends_a_running_job(runs_root, submitted):
     wait_for(runs_root, result["name"], {"RUNNING"}, timeout_s=60)
     done = hpcds(runs_root, "cancel", result["name"])
     assert done.returncode == 0, done.stderr
-    row = wait_for(runs_root, result["name"], {"CANCELLED"}, timeout_s=30)
+    # The ranks take scancel's TERM as a request to save and stop (a start-up in progress first finishes); Slurm's
+    # KILL comes KillWait (60 s on the test cluster) after the TERM at the latest.
+    row = wait_for(runs_root, result["name"], {"CANCELLED"}, timeout_s=90)
     assert row["source"] == "squeue"
     events = runs.read_events(Path(result["run_dir"]))
     assert [e["job_id"] for e in events if e["event"] == "cancelled"] == [result["job_id"]]
