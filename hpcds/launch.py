@@ -198,17 +198,13 @@ def launch_local(run_dir: Path, ranks: int) -> int:
             except KeyboardInterrupt:
                 interrupts += 1
                 if interrupts >= 2:
-                    _kill_tree(process.pid)  # TERM is blocked there: KILL, the launcher and every rank
+                    _signal_tree(process.pid, signal.SIGKILL)  # TERM is blocked there: the launcher, every rank
                 else:
                     # The ranks got it too when it went to the whole process group (Ctrl-C); a `kill` of this
                     # process alone reaches them only this way. The launchers keep TERM blocked.
                     _signal_tree(process.pid, signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous_term)
-
-
-def _kill_tree(pid: int) -> None:
-    _signal_tree(pid, signal.SIGKILL)
 
 
 def _signal_tree(pid: int, signum: int) -> None:

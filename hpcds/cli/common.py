@@ -68,6 +68,16 @@ def spec_options(func):
     return wrapper
 
 
+def force_option(func):
+    """--force: go ahead over the planner's refusals (hpcds.plan.refusals); the run's event log records it."""
+    return click.option(
+        "--force",
+        is_flag=True,
+        help="Go ahead even if the planner says the ZeRO strategy does not fit or the warning lead is too short for "
+        "a save (recorded in the event log).",
+    )(func)
+
+
 def runs_root_option(func):
     return click.option(
         "--runs-dir",

@@ -20,8 +20,7 @@ from rich.console import Console
 
 from hpcds import facts, runs, slurm
 from hpcds.cli import COMMAND_SETTINGS
-from hpcds.cli.common import console, err_console, print_json, runs_root_option, spec_options
-from hpcds.cli.render_cmd import FORCE_HELP
+from hpcds.cli.common import console, err_console, force_option, print_json, runs_root_option, spec_options
 from hpcds.errors import HpcdsError
 from hpcds.slurm.status import (
     ACTIVE_STATES,
@@ -42,7 +41,7 @@ from hpcds.slurm.status import (
 @click.option("--dry-run", is_flag=True, help="Create the run directory and print its paths; do not submit.")
 @click.option("--check-memory", is_flag=True, help="Print the memory plan and exit without submitting.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--force", is_flag=True, help=FORCE_HELP)
+@force_option
 def submit(spec, spec_path, runs_root: Path, name, dry_run, check_memory, as_json, force) -> None:
     """Submit SPEC to Slurm as a new run (sbatch), creating its run directory."""
     if name:

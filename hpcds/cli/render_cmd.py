@@ -15,22 +15,19 @@ import click
 
 from hpcds import facts
 from hpcds.cli import COMMAND_SETTINGS
-from hpcds.cli.common import runs_root_option, spec_options
+from hpcds.cli.common import force_option, runs_root_option, spec_options
 from hpcds.errors import HpcdsError
 from hpcds.spec import JobSpec
 
 PREPARED_JOB_KEY = "prepared_for_job"
 
 
-FORCE_HELP = "Go ahead even if the planner says the ZeRO strategy does not fit (recorded in the event log)."
-
-
 def fitting(pinned: JobSpec, force: bool) -> str | None:
     """None when the pinned strategy fits its GPUs and the warning's lead covers a save; the planner's verdict when
     not and `force` says go ahead (the caller records it); an error otherwise, before anything is created or queued."""
-    from hpcds.plan import lead_shortfall, misfit
+    from hpcds.plan import refusals
 
-    found = [why for why in (misfit(pinned), lead_shortfall(pinned)) if why is not None]
+    found = refusals(pinned)
     why = "\n".join(found) if found else None
     if why is not None and not force:
         raise HpcdsError(why)
@@ -40,8 +37,8 @@ def fitting(pinned: JobSpec, force: bool) -> str | None:
 
 
 def checked_run_files(spec: JobSpec, force: bool = False) -> tuple[JobSpec, dict[str, str], str | None]:
-    """The pinned spec, the run's files (`hpcds.render.render_run_files`) and the planner's misfit verdict that
-    `force` overrode, after two checks: the strategy fits (`fitting`), and DeepSpeed's own config classes accept the
+    """The pinned spec, the run's files (`hpcds.render.render_run_files`) and the planner's refusal that `force`
+    overrode, after two checks: the planner's (`fitting`), and DeepSpeed's own config classes accept the
     DeepSpeed config (what they refuse raises here, before anything is created or queued; keys they would ignore are
     warned about on stderr)."""
     import json
@@ -83,7 +80,7 @@ def write_run_dir(
 
 
 def record_forced(run_dir: Path, forced: str | None) -> None:
-    """A `forced` event in a run created with --force over the planner's misfit verdict, which it quotes."""
+    """A `forced` event in a run created with --force over the planner's refusal, which it quotes."""
     if forced is not None:
         from hpcds import runs
 
@@ -109,7 +106,7 @@ def find_prepared_run(runs_root: Path, job_id: str) -> Path | None:
     help="Run directory the script names (default: where `hpcds submit` would create it now).",
 )
 @runs_root_option
-@click.option("--force", is_flag=True, help=FORCE_HELP)
+@force_option
 def render(
     spec: JobSpec, spec_path: Path | None, ds_config: bool, run_dir: Path | None, runs_root: Path, force: bool
 ) -> None:

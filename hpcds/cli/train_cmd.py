@@ -18,8 +18,7 @@ import click
 
 from hpcds import facts, runs
 from hpcds.cli import COMMAND_SETTINGS
-from hpcds.cli.common import console, runs_root_option, spec_options
-from hpcds.cli.render_cmd import FORCE_HELP
+from hpcds.cli.common import console, force_option, runs_root_option, spec_options
 from hpcds.errors import CommandError, HpcdsError
 from hpcds.facts import EXIT_REQUEUE
 
@@ -96,7 +95,7 @@ def last_ending(run_dir: Path, since_time: float) -> dict | None:
 @click.option("--ranks", type=click.IntRange(min=1), help="Processes on this machine (default: the spec's ranks).")
 @click.option("--new", is_flag=True, help="Start a fresh run even if an unfinished one with this spec exists.")
 @runs_root_option
-@click.option("--force", is_flag=True, help=FORCE_HELP)
+@force_option
 def run_command(spec, spec_path, ranks, new, runs_root, force):
     """Train SPEC on this machine (CPU ranks on gloo, or the GPUs); Ctrl-C saves, the same command resumes."""
     import time

@@ -24,6 +24,7 @@ from hpcds.plan.strategy import (
     misfit,
     pin_strategy,
     plan_job,
+    refusals,
 )
 
 __all__ = [
@@ -46,5 +47,6 @@ __all__ = [
     "parse_mem_bytes",
     "pin_strategy",
     "plan_job",
+    "refusals",
     "zero_buckets",
 ]

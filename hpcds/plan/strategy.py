@@ -199,12 +199,26 @@ def pin_strategy(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"deepspeed": ds.model_copy(update=update)})
 
 
-def misfit(spec: JobSpec) -> str | None:
-    """Why a pinned spec's strategy does not fit its GPUs, as `hpcds plan` says it, with the strategies that do fit;
-    None when it fits, or when the spec runs CPU ranks (the planner sizes GPU memory)."""
-    if spec.slurm.gpus_per_node == 0 or spec.deepspeed.zero_stage == "auto":
-        return None
+def refusals(spec: JobSpec) -> list[str]:
+    """What the planner refuses in a pinned spec, from one plan: a strategy that does not fit its GPUs (`misfit`), a
+    warning lead too short for a save (`lead_shortfall`). Specs for CPU ranks are not judged: the table is GPU memory,
+    and such specs (tests, local debugging) may have no planned shape."""
+    if not _judged(spec):
+        return []
     plan = plan_job(spec)
+    return [why for why in (misfit(spec, plan), lead_shortfall(spec, plan)) if why is not None]
+
+
+def _judged(spec: JobSpec) -> bool:
+    return spec.slurm.gpus_per_node > 0 and spec.deepspeed.zero_stage != "auto"
+
+
+def misfit(spec: JobSpec, plan: Plan | None = None) -> str | None:
+    """Why a pinned spec's strategy does not fit its GPUs, as `hpcds plan` says it, with the strategies that do fit;
+    None when it fits, or when the spec is not judged (see `refusals`)."""
+    if not _judged(spec):
+        return None
+    plan = plan or plan_job(spec)
     chosen = plan.chosen
     if chosen is None or chosen.fits:
         return None
@@ -231,12 +245,12 @@ def lead_needed_s(spec: JobSpec, plan: Plan) -> float:
     return 2 * checkpoint_save_s(plan.checkpoint_bytes, spec.checkpoint.write_gbps) + LEAD_MARGIN_S
 
 
-def lead_shortfall(spec: JobSpec) -> str | None:
-    """Why slurm.signal_lead_s is too short for this spec's checkpoint, or None; specs for CPU ranks (tests, local
-    debugging, often without a planned shape) are not judged, as `misfit` does not judge them."""
-    if spec.slurm.gpus_per_node == 0:
+def lead_shortfall(spec: JobSpec, plan: Plan | None = None) -> str | None:
+    """Why slurm.signal_lead_s is too short for this spec's checkpoint; None when it is long enough, or when the spec
+    is not judged (see `refusals`)."""
+    if not _judged(spec):
         return None
-    plan = plan_job(spec)
+    plan = plan or plan_job(spec)
     need_s = lead_needed_s(spec, plan)
     if spec.slurm.signal_lead_s >= need_s:
         return None

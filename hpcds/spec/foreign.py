@@ -234,7 +234,7 @@ def _converted(key: str, value: Any, field: str, foreign: dict) -> tuple[str, An
     if field == "training.warmup_steps" and isinstance(value, float) and value < 1:
         steps = foreign.get("max_steps") or foreign.get("train_iters")
         return (field, round(value * steps)) if isinstance(steps, int) and steps > 0 else None
-    if field in ("training.max_steps",) and (not isinstance(value, int) or value <= 0 or "epoch" in key):
+    if field == "training.max_steps" and (not isinstance(value, int) or value <= 0 or "epoch" in key):
         return None  # epochs, or -1 for "run the epochs"
     if field in ("data.train", "data.val", "training.adam_betas", "training.min_lr", "deepspeed.config"):
         return None  # other tools' dataset names and ratios mean something else; the file is resolved by the caller
