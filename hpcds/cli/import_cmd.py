@@ -17,15 +17,12 @@ SECTIONS = ("name", "preset", "model", "data", "training", "deepspeed", "checkpo
 
 
 def _read_source(source: Path) -> dict:
-    import json
+    from hpcds.spec.load import read_json_or_yaml
 
-    import yaml
-
-    text = source.read_text()
     try:
-        tree = json.loads(text) if source.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise HpcdsError(f"{source} is not valid {'JSON' if source.suffix == '.json' else 'YAML'}: {exc}") from None
+        tree = read_json_or_yaml(source)
+    except ValueError as exc:
+        raise HpcdsError(str(exc)) from None
     if not isinstance(tree, dict):
         raise HpcdsError(f"{source} does not hold a mapping (key: value lines)")
     return tree

@@ -221,6 +221,16 @@ def resolve_paths(tree: dict, folder: Path) -> dict:
     return tree
 
 
+def read_json_or_yaml(path: Path) -> Any:
+    """A `.json` file read as JSON, any other as YAML (YAML 1.1 would read JSON's 5e8 or 1e-8 as strings). OSError
+    passes through; a file that does not parse raises ValueError saying which format it is not."""
+    text = path.read_text()
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+
+
 def _read_ds_config_file(tree: dict, folder: Path, source: str) -> dict:
     """`deepspeed.config: FILE` (JSON or YAML; relative to the spec's folder) replaced by the file's mapping."""
     named = (tree.get("deepspeed") or {}).get("config") if isinstance(tree.get("deepspeed"), dict) else None
@@ -228,19 +238,12 @@ def _read_ds_config_file(tree: dict, folder: Path, source: str) -> dict:
         return tree
     path = folder / Path(named).expanduser()
     try:
-        text = path.read_text()
-        # JSON first: YAML 1.1 would read 5e8 or 1e-8 (no dot) as strings.
-        loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except json.JSONDecodeError as exc:
-        raise SpecError(
-            [Problem("deepspeed.config", f"{path} is not valid JSON: {exc}", "check the file")], source
-        ) from None
+        loaded = read_json_or_yaml(path)
     except OSError as exc:
         problem = Problem("deepspeed.config", f"cannot read {path}: {exc.strerror}", "name a DeepSpeed JSON file")
         raise SpecError([problem], source) from None
-    except yaml.YAMLError as exc:
-        problem = Problem("deepspeed.config", f"{path} is not valid JSON or YAML: {exc}", "check the file")
-        raise SpecError([problem], source) from None
+    except ValueError as exc:
+        raise SpecError([Problem("deepspeed.config", str(exc), "check the file")], source) from None
     if not isinstance(loaded, dict):
         problem = Problem("deepspeed.config", f"{path} does not hold a mapping", "a DeepSpeed JSON object: {...}")
         raise SpecError([problem], source)
