@@ -180,8 +180,14 @@ def test_preempted_run_is_requeued_and_restarts(runs_root, submitted):
     assert requeued["restarts"] == 1 and requeued["job_id"] == result["job_id"]
     again = wait_for(runs_root, name, {"RUNNING"}, timeout_s=90)
     assert again["restarts"] == 1
-    starts = [e for e in runs.read_events(Path(result["run_dir"])) if e["event"] == "started"]
-    assert [e["restart"] for e in starts] == [0, 1]
+    # squeue says RUNNING a moment before the batch script's first line records the start.
+    deadline = time.monotonic() + 30
+    while True:
+        starts = [e["restart"] for e in runs.read_events(Path(result["run_dir"])) if e["event"] == "started"]
+        if len(starts) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert starts == [0, 1]
     assert hpcds(runs_root, "cancel", name).returncode == 0
 
 
