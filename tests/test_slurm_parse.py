@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -246,3 +247,36 @@ def test_local_slurm_env_and_usage(tmp_path):
     assert done.stdout == f"export SLURM_CONF={tmp_path}/etc/slurm.conf\n"
     done = subprocess.run([script, "bogus"], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and "local-slurm up" in done.stderr
+
+
+def test_heartbeats_of_an_earlier_allocation_do_not_count():
+    # Requeued from n[1-2] onto n[3-4]: n1's and n2's files stay behind with restart 0 and must not show as stale.
+    job = job_with("RUNNING")
+    events = [{"event": "started", "job_id": job.job_id, "restart": r} for r in (0, 1)]
+    beats = {
+        "n1": {"time": NOW - 900, "job_id": job.job_id, "restart": 0},
+        "n2": {"time": NOW - 900, "job_id": job.job_id, "restart": 0},
+        "n3": {"time": NOW - 2, "job_id": job.job_id, "restart": 1},
+        "n4": {"time": NOW - 4, "job_id": job.job_id, "restart": 1},
+        "old": {"time": NOW - 9, "job_id": "1", "restart": 1},  # another job of the same run
+    }
+    row = run_status("r", {"job_ids": [job.job_id]}, events, None, beats, squeue_jobs(), NOW)
+    assert (row.stale_nodes, row.heartbeat_age_s) == ([], 4)
+    del beats["n4"]
+    beats["n3"]["time"] = NOW - 900
+    row = run_status("r", {"job_ids": [job.job_id]}, events, None, beats, squeue_jobs(), NOW)
+    assert (row.stale_nodes, row.heartbeat_age_s) == (["n3"], 900)
+
+
+def test_the_trainer_names_its_allocation_in_the_heartbeat(tmp_path, monkeypatch):
+    from hpcds.train.progress import write_heartbeat
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    write_heartbeat(tmp_path, 5)
+    (beat,) = (tmp_path / "heartbeats").iterdir()
+    assert {k: v for k, v in json.loads(beat.read_text()).items() if k != "time"} == {
+        "step": 5,
+        "job_id": "77",
+        "restart": 2,
+    }

@@ -193,6 +193,24 @@ def _as_int(value: Any) -> int | None:
         return None
 
 
+def current_heartbeats(
+    heartbeats: Mapping[str, Mapping[str, Any]], job_id: str, restart: int
+) -> dict[str, Mapping[str, Any]]:
+    """The beats of this allocation: a node's file from an earlier job or an earlier start of this one (the job was
+    requeued onto other nodes) says nothing about now. Beats that name no job (a local run) all count."""
+    return {
+        host: beat
+        for host, beat in heartbeats.items()
+        if beat.get("job_id") is None
+        or (str(beat["job_id"]) == job_id and (_as_int(beat.get("restart")) or 0) >= restart)
+    }
+
+
+def _restarts(jobs: Mapping[str, JobState] | None, job_id: str) -> int:
+    job = (jobs or {}).get(job_id)
+    return job.restarts if job is not None else 0
+
+
 def _restarts_from_events(job_id: str, events: list[dict[str, Any]]) -> int:
     """SLURM_RESTART_COUNT as the batch script logged it at each start (absent before the first requeue)."""
     starts = [e for e in events if e["event"] == "started" and str(e.get("job_id")) == job_id]
@@ -214,6 +232,10 @@ def run_status(
     row = StatusRow(name=name, wandb_id=meta.get("wandb_id"))
     job_id = latest_job_id(meta, events)
     row.job_id = job_id
+    if job_id:
+        heartbeats = current_heartbeats(
+            heartbeats, job_id, max(_restarts_from_events(job_id, events), _restarts(jobs, job_id))
+        )
     newest_beat = max((_as_float(b.get("time")) or 0.0 for b in heartbeats.values()), default=0.0)
     progress_time = _as_float((progress or {}).get("time")) or 0.0
     fresh_age_s = now - max(newest_beat, progress_time) if max(newest_beat, progress_time) > 0 else None

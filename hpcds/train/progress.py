@@ -7,6 +7,7 @@ start-up and saves into phases for the events. The formatting functions are pure
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -57,6 +58,11 @@ def write_progress(run_dir: Path, **fields: Any) -> None:
 
 
 def write_heartbeat(run_dir: Path, step: int) -> None:
+    """This node's beat, naming its allocation (job id and restart): after a requeue onto other nodes the files of the
+    earlier nodes stay behind, and `hpcds status` must not count them."""
     folder = Path(run_dir) / HEARTBEAT_DIR
     folder.mkdir(exist_ok=True)
-    write_json_atomic(folder / f"{socket.gethostname()}.json", {"time": round(time.time(), 3), "step": step})
+    beat: dict[str, Any] = {"time": round(time.time(), 3), "step": step}
+    if os.environ.get("SLURM_JOB_ID"):
+        beat |= {"job_id": os.environ["SLURM_JOB_ID"], "restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0)}
+    write_json_atomic(folder / f"{socket.gethostname()}.json", beat)
