@@ -32,6 +32,11 @@ LOSSES_FILE = "losses.jsonl"
 HEARTBEAT_DIR = "heartbeats"
 CHECKPOINT_DIR = "checkpoints"
 
+# The ranks' rendezvous port: the batch script picks a free one on the first node, at or above this and below the
+# ephemeral range, and passes it to every node's `hpcds launch` in this environment variable.
+MASTER_PORT_ENV = "HPCDS_MASTER_PORT"
+MASTER_PORT_LOW = 20000
+
 # Environment names whose values are secrets: refused in a spec's `slurm.env` (they would be written into spec.yaml
 # and job.sbatch) and redacted from W&B's run config. Whole words between underscores, so TOKENIZERS_PARALLELISM
 # is not one while HF_TOKEN and WANDB_API_KEY are.
@@ -48,4 +53,6 @@ def template_facts() -> dict[str, object]:
         "warning_signal": WARNING_SIGNAL,
         "events_file": EVENTS_FILE,
         "heartbeat_dir": HEARTBEAT_DIR,
+        "master_port_env": MASTER_PORT_ENV,
+        "port_low": MASTER_PORT_LOW,
     }

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from hpcds import runs
 from hpcds.errors import CommandError, HpcdsError
-from hpcds.facts import SPEC_FILE, STOP_SIGNUMS
+from hpcds.facts import MASTER_PORT_ENV, SPEC_FILE, STOP_SIGNUMS
 from hpcds.render.hostfile import parse_hostfile, render_hostfile
 
 TRAIN_MODULE = "hpcds.train"
@@ -61,9 +61,15 @@ def deepspeed_argv(
     return [*argv, "--module", TRAIN_MODULE, "--run-dir", str(run_dir)]
 
 
-def master_port_for_job(job_id: int) -> int:
-    """Same port on every node without talking to each other; jobs sharing a node rarely collide."""
-    return MASTER_PORT_BASE + job_id % 10000
+def rendezvous_port(env: Mapping[str, str]) -> int:
+    """The rendezvous port the batch script picked free on the first node (the same on every node: srun passes it).
+
+    A batch script rendered before hpcds picked ports has none: then the port comes from the job id, as it did.
+    """
+    picked = env.get(MASTER_PORT_ENV, "")
+    if picked.isdigit() and 0 < int(picked) < 65536:
+        return int(picked)
+    return MASTER_PORT_BASE + int(env["SLURM_JOB_ID"]) % 10000
 
 
 def node_rank_of(hosts: Sequence[str], env: Mapping[str, str]) -> int:
@@ -137,7 +143,7 @@ def launch_node(run_dir: Path, env: Mapping[str, str] | None = None) -> None:
     argv = deepspeed_argv(
         run_dir,
         master_addr=hosts[0],
-        master_port=master_port_for_job(int(job_id)),
+        master_port=rendezvous_port(env),
         hostfile=hostfile,
         node_rank=node_rank,
         gpu=gpu,

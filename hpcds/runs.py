@@ -10,6 +10,7 @@ in one small write, so a crash never leaves a torn file behind.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -140,14 +141,42 @@ def update_meta(run_dir: Path, **changes: Any) -> dict[str, Any]:
     return meta
 
 
+# How long a writer waits for the event log's lock before it appends without it (a holder that hangs on a dead file
+# server must not stop training; an unlocked append risks one torn line, which readers skip).
+EVENT_LOCK_WAIT_S = 10.0
+
+
 def append_event(run_dir: Path, event: str, **fields: Any) -> None:
-    """One JSON line per event, appended with a single write (atomic for small lines on local and NFS appends)."""
+    """One JSON line per event, appended in one write while holding the log's `flock`.
+
+    Every node and rank appends to the same log. On a local file system O_APPEND alone keeps lines whole, but an NFS
+    client computes the append offset from the file size it has cached, so two nodes appending at once can overwrite
+    each other's line. Taking the lock makes the client revalidate the size first and flush the write before release
+    (Linux maps `flock` to the server's byte-range locks on NFS). The batch script's `hpcds_event` takes the same lock
+    with flock(1). Lustre without its `flock` mount option refuses locks: the append then goes ahead unlocked.
+    """
     line = json.dumps({"time": round(time.time(), 3), "event": event, **fields}, default=str) + "\n"
     fd = os.open(Path(run_dir) / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        _lock(fd, EVENT_LOCK_WAIT_S)
         os.write(fd, line.encode())
     finally:
-        os.close(fd)
+        os.close(fd)  # also releases the lock, after NFS has flushed the write
+
+
+def _lock(fd: int, wait_s: float) -> bool:
+    """Take an exclusive flock on `fd`, polling up to `wait_s`; False when it could not (timed out, or unsupported)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        except OSError:  # ENOLCK / ENOSYS: the file system keeps no locks
+            return False
 
 
 def parse_events(data: str | bytes) -> list[dict[str, Any]]:

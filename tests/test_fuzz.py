@@ -364,10 +364,13 @@ def test_script_requeues_only_on_75_and_below_the_limit(sandbox):
     assert [e["event"] for e in events] == ["started", "exited", "requeue_limit"]
     assert {e["restart"] for e in events} == {int(limit)}
 
-    rc, records, events, _ = execute(script, sandbox, fake_rc=75, extra_env={"HPCDS_SCONTROL_RC": "1"})
-    assert (rc, records[-1]) == (75, ["scontrol", "requeue", JOB_ID])
-    assert [e["event"] for e in events] == ["started", "exited", "requeue", "requeue_failed"]
-    assert events[-1]["rc"] == 1
+    # A controller that never answers: five tries, then the run ends with the reason in its log.
+    no_wait = {"HPCDS_SCONTROL_RC": "1", "HPCDS_REQUEUE_RETRY_S": "0"}
+    rc, records, events, _ = execute(script, sandbox, fake_rc=75, extra_env=no_wait)
+    assert (rc, records[1:]) == (75, [["scontrol", "requeue", JOB_ID]] * 5)
+    assert [e["event"] for e in events] == ["started", "exited", "requeue"] + ["requeue_retry"] * 5 + ["requeue_failed"]
+    assert [e["attempt"] for e in events[3:8]] == [1, 2, 3, 4, 5]
+    assert (events[-1]["rc"], events[-1]["attempts"]) == (1, 5)
 
 
 def test_a_node_killed_after_the_trainer_stopped_still_requeues(sandbox):

@@ -118,12 +118,11 @@ def leftover_processes(job_id: str, run_dir: Path) -> list[str]:
     return found
 
 
-def leftover_shm(job_id: str) -> list[str]:
+def leftover_shm(job_id: str, run_dir: Path) -> list[str]:
     """DeepSpeed's shared-memory all-reduce buffers of the job (named after its master port) still in /dev/shm."""
-    from hpcds.launch import master_port_for_job
-
-    port = master_port_for_job(int(job_id))
-    return [path.name for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
+    ports = {e["master_port"] for e in events(run_dir, "started") if str(e.get("job_id")) == job_id}
+    assert ports, f"job {job_id} logged no start with its rendezvous port"
+    return [p.name for port in ports for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
 
 
 def no_leftovers(job_id: str, run_dir: Path, timeout_s: float = 30) -> list[str]:
@@ -132,7 +131,7 @@ def no_leftovers(job_id: str, run_dir: Path, timeout_s: float = 30) -> list[str]
     deadline = time.monotonic() + timeout_s
     while (left := leftover_processes(job_id, run_dir)) and time.monotonic() < deadline:
         time.sleep(1)
-    return left + leftover_shm(job_id)
+    return left + leftover_shm(job_id, run_dir)
 
 
 def wandb_records(path: Path) -> list:
