@@ -40,25 +40,55 @@ def deepspeed_argv(
     hostfile: Path | None = None,
     node_rank: int | None = None,
     local_ranks: int | None = None,
-    gpu: bool = False,
+    devices: Sequence[int] = (),
     deepspeed: str = "deepspeed",
 ) -> list[str]:
-    """The DeepSpeed launcher's command line: per node from a hostfile (`node_rank` given) or local (`local_ranks`).
+    """The DeepSpeed launcher's command line: per node from a hostfile (`node_rank` given), or local: `local_ranks`
+    CPU processes, or one rank per GPU index in `devices`.
 
     With a hostfile the ranks per node come from its `slots=`; `--num_gpus` would override them, so it is left out.
-    `--no_ssh` makes the launcher start only this node's ranks: no pdsh, no ssh, which clusters forbid.
+    `--no_ssh` makes the launcher start only this node's ranks: no pdsh, no ssh, which clusters forbid. Local GPUs go
+    as `--include localhost:<ids>`: with `--num_gpus` DeepSpeed's runner drops CUDA_VISIBLE_DEVICES and takes 0..N-1.
     """
     argv = [deepspeed]
     if hostfile is not None:
         if node_rank is None:
             raise ValueError("a hostfile launch needs node_rank")
         argv += ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank)]
+    elif devices:
+        argv += ["--include", "localhost:" + ",".join(map(str, devices))]
     elif local_ranks is not None:
-        argv += ["--num_gpus" if gpu else "--num_accelerators", str(local_ranks)]
+        argv += ["--num_accelerators", str(local_ranks)]
     else:
-        raise ValueError("give a hostfile and node_rank, or local_ranks")
+        raise ValueError("give a hostfile and node_rank, local_ranks, or devices")
     argv += ["--master_addr", master_addr, "--master_port", str(master_port), "--no_local_rank"]
     return [*argv, "--module", TRAIN_MODULE, "--run-dir", str(run_dir)]
+
+
+def local_devices(ranks: int, requested: Sequence[int] | None, env: Mapping[str, str]) -> list[int]:
+    """The GPU indices `hpcds run` trains on, one rank each: `--gpus`, else CUDA_VISIBLE_DEVICES (its first `ranks`),
+    else 0..ranks-1."""
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if requested:
+        ids, source = list(requested), "--gpus"
+    elif visible:
+        words = [word.strip() for word in visible.split(",")]
+        if not all(word.isdigit() for word in words):
+            raise HpcdsError(
+                f"CUDA_VISIBLE_DEVICES={visible} is not a list of GPU indices, and DeepSpeed's launcher selects GPUs "
+                "by index. hint: unset it and choose with hpcds run --gpus 0,1"
+            )
+        ids, source = [int(word) for word in words][:ranks], f"CUDA_VISIBLE_DEVICES={visible}"
+    else:
+        ids, source = list(range(ranks)), "the spec's ranks"
+    if len(set(ids)) != len(ids):
+        raise HpcdsError(f"{source} names a GPU twice: {ids}")
+    if len(ids) != ranks:
+        raise HpcdsError(
+            f"{source} gives {len(ids)} GPU{'s' if len(ids) != 1 else ''} for {ranks} ranks (one rank per GPU). "
+            f"hint: hpcds run --ranks {len(ids)}, or name {ranks} GPUs with --gpus"
+        )
+    return ids
 
 
 def rendezvous_port(env: Mapping[str, str]) -> int:
@@ -113,10 +143,14 @@ def _slurm_spec(run_dir: Path):
     return load_spec(Path(run_dir) / SPEC_FILE).slurm
 
 
-def _train_env(base: Mapping[str, str], gpu: bool) -> dict[str, str]:
+def _train_env(base: Mapping[str, str], gpu: bool, local: bool = False) -> dict[str, str]:
     env = dict(base)
     if not gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's autodetection guesses, and says so on every rank
+    elif local:
+        # The GPUs go as `--include localhost:<ids>` in the machine's numbering: the runner must see every device,
+        # and its launcher sets CUDA_VISIBLE_DEVICES to the chosen ones for the ranks.
+        env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
 
 
@@ -146,7 +180,6 @@ def launch_node(run_dir: Path, env: Mapping[str, str] | None = None) -> None:
         master_port=rendezvous_port(env),
         hostfile=hostfile,
         node_rank=node_rank,
-        gpu=gpu,
         deepspeed=_deepspeed_executable(),
     )
     restart = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
@@ -168,8 +201,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_local(run_dir: Path, ranks: int) -> int:
-    """`hpcds run`: the same DeepSpeed launcher on this machine with `ranks` processes; returns its exit code.
+def launch_local(run_dir: Path, ranks: int, devices: Sequence[int] = ()) -> int:
+    """`hpcds run`: the same DeepSpeed launcher on this machine with `ranks` processes, one per GPU index in `devices`
+    on a GPU spec (`local_devices` chooses them); returns its exit code.
 
     Ctrl-C reaches every rank through the terminal's process group, and DeepSpeed's launchers start with it blocked
     (as under Slurm); we keep waiting so the trainer can save and exit on its own. A second Ctrl-C kills the launcher
@@ -182,13 +216,13 @@ def launch_local(run_dir: Path, ranks: int) -> int:
         master_addr="127.0.0.1",
         master_port=free_port(),
         local_ranks=ranks,
-        gpu=gpu,
+        devices=(devices or range(ranks)) if gpu else (),
         deepspeed=_deepspeed_executable(),
     )
     runs.append_event(run_dir, "launch", job_id=None, restart=0, host=socket.gethostname(), node_rank=0, argv=argv)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNUMS))
     try:
-        process = subprocess.Popen(argv, env=_train_env(os.environ, gpu))
+        process = subprocess.Popen(argv, env=_train_env(os.environ, gpu, local=True))
     except OSError as exc:
         raise CommandError(argv, None, str(exc)) from None
     finally:

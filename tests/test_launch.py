@@ -27,11 +27,45 @@ def test_node_argv_is_accepted_by_deepspeed_runner():
 def test_local_argv_cpu_and_gpu():
     runner = pytest.importorskip("deepspeed.launcher.runner")
     cpu = launch.deepspeed_argv(Path("/r"), master_addr="127.0.0.1", master_port=1234, local_ranks=2)
-    gpu = launch.deepspeed_argv(Path("/r"), master_addr="127.0.0.1", master_port=1234, local_ranks=4, gpu=True)
-    assert "--num_accelerators" in cpu and "--num_gpus" in gpu
+    gpu = launch.deepspeed_argv(Path("/r"), master_addr="127.0.0.1", master_port=1234, devices=[2, 3])
+    assert "--num_accelerators" in cpu and "--num_gpus" not in gpu
     assert runner.parse_args(cpu[1:]).num_gpus == 2
-    assert runner.parse_args(gpu[1:]).num_gpus == 4
+    # DeepSpeed's runner, on a machine with 4 GPUs, keeps exactly the chosen two (its launcher then sets
+    # CUDA_VISIBLE_DEVICES=2,3 for the ranks); --num_gpus would have meant 0 and 1.
+    args = runner.parse_args(gpu[1:])
+    assert runner.parse_inclusion_exclusion({"localhost": 4}, args.include, args.exclude) == {"localhost": [2, 3]}
     assert "--hostfile" not in cpu and "--no_ssh" not in cpu
+
+
+def test_hpcds_run_chooses_gpus_from_the_flag_then_cuda_visible_devices():
+    assert launch.local_devices(2, [1, 3], {"CUDA_VISIBLE_DEVICES": "0"}) == [1, 3]
+    assert launch.local_devices(2, None, {"CUDA_VISIBLE_DEVICES": "5, 2,7"}) == [5, 2]
+    assert launch.local_devices(2, None, {}) == [0, 1]
+    for ranks, requested, env, message in [
+        (2, None, {"CUDA_VISIBLE_DEVICES": "GPU-8f0c1a2b"}, "not a list of GPU indices"),
+        (2, None, {"CUDA_VISIBLE_DEVICES": "3"}, "gives 1 GPU for 2 ranks"),
+        (2, [1, 1], {}, "names a GPU twice"),
+    ]:
+        with pytest.raises(HpcdsError, match=message):
+            launch.local_devices(ranks, requested, env)
+    # The runner must count every GPU: the chosen ids are in the machine's numbering.
+    env = launch._train_env({"CUDA_VISIBLE_DEVICES": "2,3", "PATH": "/bin"}, gpu=True, local=True)
+    assert env == {"PATH": "/bin"}
+    assert launch._train_env({"CUDA_VISIBLE_DEVICES": "1"}, gpu=True) == {"CUDA_VISIBLE_DEVICES": "1"}  # under srun
+
+
+def test_hpcds_run_gpu_flags_that_disagree_are_refused_before_a_run_directory_exists(tmp_path):
+    import subprocess
+    import sys
+
+    for args, message in [
+        (["--gpus", "0,1", "--ranks", "3"], "--gpus names 2 GPUs but --ranks is 3"),
+        (["--gpus", "0,x"], "not a list of GPU indices"),
+    ]:
+        argv = [sys.executable, "-m", "hpcds", "run", "--preset", "quickstart", "--runs-dir", str(tmp_path), *args]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_argv_needs_a_mode():

@@ -31,13 +31,27 @@ def _say(text: str) -> None:
     console.print(text, soft_wrap=True, markup=False, highlight=False)
 
 
-def local_spec(spec, ranks: int | None):
-    """The spec as one node with `ranks` processes (default: the spec's ranks per node)."""
+def local_spec(spec, ranks: int | None, gpus: list[int] | None = None):
+    """The spec as one node with `ranks` processes (default: the spec's ranks per node, or one per GPU of `gpus`)."""
     from hpcds.spec import deep_merge, validate_spec
 
-    ranks = ranks or spec.slurm.ranks
-    tree = deep_merge(spec.model_dump(mode="json"), {"slurm": {"nodes": 1, "ranks_per_node": ranks}})
-    return validate_spec(tree, "hpcds run")
+    slurm: dict = {"nodes": 1}
+    if gpus:
+        if ranks and ranks != len(gpus):
+            raise HpcdsError(f"--gpus names {len(gpus)} GPUs but --ranks is {ranks}: hpcds runs one rank per GPU")
+        slurm |= {"gpus_per_node": len(gpus)}
+        ranks = len(gpus)
+    slurm["ranks_per_node"] = ranks or spec.slurm.ranks
+    return validate_spec(deep_merge(spec.model_dump(mode="json"), {"slurm": slurm}), "hpcds run")
+
+
+def parse_gpus(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    words = [word.strip() for word in value.split(",")]
+    if not all(word.isdigit() for word in words):
+        raise click.BadParameter(f"{value!r} is not a list of GPU indices such as 0,1")
+    return [int(word) for word in words]
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -93,20 +107,27 @@ def last_ending(run_dir: Path, since_time: float) -> dict | None:
 @click.command("run", context_settings=COMMAND_SETTINGS)
 @spec_options
 @click.option("--ranks", type=click.IntRange(min=1), help="Processes on this machine (default: the spec's ranks).")
+@click.option(
+    "--gpus",
+    callback=parse_gpus,
+    metavar="IDS",
+    help="GPU indices to train on, one rank each (e.g. 0,1); default: CUDA_VISIBLE_DEVICES, else the first GPUs.",
+)
 @click.option("--new", is_flag=True, help="Start a fresh run even if an unfinished one with this spec exists.")
 @runs_root_option
 @force_option
-def run_command(spec, spec_path, ranks, new, runs_root, force):
+def run_command(spec, spec_path, ranks, gpus, new, runs_root, force):
     """Train SPEC on this machine (CPU ranks on gloo, or the GPUs); Ctrl-C saves, the same command resumes."""
     import time
 
-    from hpcds.launch import launch_local
+    from hpcds.launch import launch_local, local_devices
 
-    spec = local_spec(spec, ranks)
+    spec = local_spec(spec, ranks, gpus)
+    devices = local_devices(spec.slurm.ranks, gpus, os.environ) if spec.slurm.gpus_per_node else []
     run_dir, reused = prepare_run(spec, runs_root, new=new, force=force)
     _say(f"{'resuming run' if reused else 'new run'}: {run_dir}")
     started = time.time()
-    code = launch_local(run_dir, spec.slurm.ranks)
+    code = launch_local(run_dir, spec.slurm.ranks, devices)
     ending = last_ending(run_dir, started)
     kind = ending["event"] if ending else None
     if kind == "finished":
