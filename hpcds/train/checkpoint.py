@@ -6,12 +6,15 @@ Layout under the checkpoint folder (`checkpoint.dir`, default `<run dir>/checkpo
       rank_<r>_state.pt   per-rank RNG states (DeepSpeed keeps client state from rank 0 only)
       manifest.json       every other file with its size and CRC-32, plus step, ZeRO stage, world and data-parallel size
       COMMITTED           written last, after every rank finished and the manifest is on disk
+    step_<N>.bad/         a committed checkpoint that resume rejected, set aside: never resumed from, never deleted
     latest.json           {"tag", "step"}: replaced atomically once COMMITTED is durable
 
 A checkpoint counts only when COMMITTED exists and every file matches the manifest; resume takes the newest one that
 does and reports each one it skips. DeepSpeed's own `latest` file is never written (it is written before DeepSpeed's
-final barrier, and a stale one silently restarts training from step 0). The top half of this module is pure
-(names, manifest checks, retention choice); the bottom half does the I/O and the collectives.
+final barrier, and a stale one silently restarts training from step 0). On a shared file system a node's listing can
+lag other nodes' writes or keep stale entries: a save commits only when rank 0's listing, the one every rank uses,
+holds exactly the files the save writes. The top half of this module is pure (names, expected files, manifest checks,
+retention choice); the bottom half does the I/O and the collectives.
 """
 
 from __future__ import annotations
@@ -28,11 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpcds.errors import HpcdsError
 from hpcds.train.progress import PhaseTimer
 
 MANIFEST = "manifest.json"
 COMMITTED = "COMMITTED"
 POINTER = "latest.json"
+SET_ASIDE = ".bad"
+# DeepSpeed copies each rank's NVMe optimizer swap files here, under names it does not fix.
+NVME_COPY = "offloaded_tensors"
 _TAG = re.compile(r"step_(\d+)")
 # 8 MiB reads keep CRC-32 (about 2 GB/s per core) near disk speed without holding a shard in memory.
 _CHUNK_BYTES = 8 << 20
@@ -52,7 +59,54 @@ def rank_state_name(rank: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Pure: manifest, verification, retention
+# Pure: expected files, manifest, verification, retention
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What one save leaves in step_<N>/: files by name, and folders whose file names DeepSpeed does not fix."""
+
+    files: frozenset[str]
+    folders: frozenset[str] = frozenset()
+
+
+def expected_files(
+    world_size: int, *, zero_stage: int, bf16: bool, partitioned_optimizer: bool, nvme_optimizer: bool = False
+) -> Expected:
+    """The files DeepSpeed 0.19's `save_checkpoint` writes for one save, plus hpcds's per-rank state files.
+
+    Names as DeepSpeed's engine makes them (`_get_ckpt_name`, `_get_rank_zero_ckpt_name`; no tensor or pipeline
+    parallelism, so the model-parallel rank is always 00): the model states come from data-parallel rank 0, or from
+    every rank under ZeRO-3, which partitions the weights; a partitioned optimizer (every ZeRO stage 1-3 optimizer,
+    and DeepSpeed's BF16_Optimizer) adds one optimizer-state file per rank, prefixed `bf16_` when bf16 is on; with the
+    optimizer offloaded to NVMe, each rank also copies its swap files into `offloaded_tensors/rank<NN>/`.
+    """
+    ranks = range(world_size)
+    if zero_stage == 3:
+        files = {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in ranks}
+    else:
+        files = {"mp_rank_00_model_states.pt"}
+    if partitioned_optimizer:
+        prefix = "bf16_" if bf16 else ""
+        files |= {f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in ranks}
+    files |= {rank_state_name(r) for r in ranks}
+    folders = {f"{NVME_COPY}/rank{r:02d}" for r in ranks} if nvme_optimizer else set()
+    return Expected(frozenset(files), frozenset(folders))
+
+
+def check_written(expected: Expected, listed: Iterable[str]) -> list[str]:
+    """Problems with a fresh save's listing: expected files it lacks, and files this save did not write.
+
+    A lacking file was not written, or is not yet visible to the lister (another node's write on a shared file
+    system); an extra one is stale (a cached entry, an earlier save's leftover) or another job's. Either way the
+    manifest would silently vouch for the wrong set, so both are errors.
+    """
+    listed = set(listed)
+    in_folder = {folder: {rel for rel in listed if rel.startswith(f"{folder}/")} for folder in sorted(expected.folders)}
+    problems = [f"{rel} is missing" for rel in sorted(expected.files - listed)]
+    problems += [f"{folder}/ holds no file" for folder, rels in in_folder.items() if not rels]
+    unexpected = listed - expected.files - set().union(*in_folder.values())
+    return problems + [f"{rel} was not written by this save" for rel in sorted(unexpected)]
 
 
 def render_manifest(step: int, files: dict[str, tuple[int, int]], **info: Any) -> dict[str, Any]:
@@ -66,7 +120,7 @@ def render_manifest(step: int, files: dict[str, tuple[int, int]], **info: Any) -
 
 
 def check_listing(manifest: Any, committed: bool, sizes_on_disk: dict[str, int]) -> list[str]:
-    """Problems visible without reading file contents: marker, manifest shape, missing/extra/resized files."""
+    """Problems visible without reading file contents: marker, manifest shape, missing or resized files."""
     if not committed:
         return ["no COMMITTED marker (the save never finished: killed, out of disk, or still running)"]
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
@@ -127,11 +181,13 @@ def choose_deleted(all_steps: Iterable[int], committed_steps: Iterable[int], ret
 
 @dataclass
 class Resumed:
-    """What `find_resumable` picked: the tag and its manifest, and what it skipped on the way, newest first."""
+    """What `find_resumable` picked: the tag and its manifest, what it skipped on the way (newest first), and on rank 0
+    the new names of the skipped folders it set aside."""
 
     tag: str | None
     manifest: dict = field(default_factory=dict)
     skipped: list[tuple[str, list[str]]] = field(default_factory=list)
+    set_aside: dict[str, str] = field(default_factory=dict)
 
 
 def list_tags(ckpt_dir: Path) -> list[str]:
@@ -226,12 +282,25 @@ def save(
         torch.save(rank_state, folder / rank_state_name(rank))
     dist.barrier()
     phase("deepspeed_save")
-    rels = sorted(sizes_under(folder))
+    # One listing for every rank: on a shared file system each node's view of the folder may differ.
+    listing: list[Any] = [sizes_under(folder) if rank == 0 else None]
+    dist.broadcast_object_list(listing, src=0)
+    sizes: dict[str, int] = listing[0]
+    # Every rank checks the same listing, so every rank raises together and none waits in a collective.
+    problems = check_written(_expected_of(engine, world), sizes)
+    if problems:
+        raise HpcdsError(
+            f"checkpoint {folder} is not committed: rank 0's listing of it is not the set of files this save "
+            f"writes (ZeRO stage {engine.zero_optimization_stage()}, {world} ranks): " + "; ".join(problems) + ". "
+            f"{ckpt_dir / POINTER} still names the previous checkpoint. hint: every node must see the same "
+            "checkpoint.dir, with other nodes' writes visible once closed, and no other job may write into it"
+        )
+    rels = sorted(sizes)
     # fsync here (each rank its share) so that COMMITTED never reaches the disk before the data it vouches for.
     crcs = _shared_crcs(folder, rels, rank, world, fsync=True)
     # The data-parallel size tells a later resume on another node count to go through the universal format.
     info = {"data_parallel_size": world, **info}
-    manifest = render_manifest(step, {rel: ((folder / rel).stat().st_size, crcs[rel]) for rel in rels}, **info)
+    manifest = render_manifest(step, {rel: (sizes[rel], crcs[rel]) for rel in rels}, **info)
     phase("checksum_fsync")
     if rank == 0:
         if fault_kill_at_step == step:
@@ -248,6 +317,18 @@ def save(
     return {**manifest, "timings_s": phase.phases_s}
 
 
+def _expected_of(engine, world: int) -> Expected:
+    """`expected_files` with the facts read from the engine DeepSpeed built (the data-parallel size is the world)."""
+    return expected_files(
+        world,
+        zero_stage=engine.zero_optimization_stage(),
+        bf16=engine.bfloat16_enabled(),
+        # DeepSpeed's own test for writing per-rank optimizer files: the optimizer has a data-parallel group.
+        partitioned_optimizer=hasattr(engine.optimizer, "dp_process_group"),
+        nvme_optimizer=bool(engine.zero_nvme_offload_optimizer()),
+    )
+
+
 def apply_retention(ckpt_dir: Path, retained_for: Any) -> list[str]:
     """Delete what `choose_deleted` names; `retained_for(committed_steps) -> set[int]`. Rank 0 only. Returns tags."""
     tags = list_tags(ckpt_dir)
@@ -260,6 +341,22 @@ def apply_retention(ckpt_dir: Path, retained_for: Any) -> list[str]:
         marker.unlink(missing_ok=True)
         shutil.rmtree(ckpt_dir / tag_for(step), ignore_errors=True)
     return [tag_for(s) for s in doomed]
+
+
+def set_aside(ckpt_dir: Path, tag: str) -> str:
+    """Rename a rejected checkpoint to `<tag>.bad` (`.bad.2`, `.bad.3`, ... when taken); returns the new name.
+
+    Kept rather than deleted: the rejection may be the file system's fault, and the files show what went wrong.
+    """
+    from hpcds.runs import fsync_dir
+
+    name, count = f"{tag}{SET_ASIDE}", 1
+    while (ckpt_dir / name).exists():
+        count += 1
+        name = f"{tag}{SET_ASIDE}.{count}"
+    os.rename(ckpt_dir / tag, ckpt_dir / name)
+    fsync_dir(ckpt_dir)
+    return name
 
 
 def _read_manifest(folder: Path) -> Any:
@@ -278,18 +375,21 @@ def find_resumable(ckpt_dir: Path, *, rank: int, world: int, verify_checksums: b
         found = []
         for tag in list_tags(ckpt_dir):
             folder = ckpt_dir / tag
-            manifest = _read_manifest(folder)
-            problems = check_listing(manifest, (folder / COMMITTED).is_file(), sizes_under(folder))
-            found.append((tag, manifest, problems))
+            manifest, committed = _read_manifest(folder), (folder / COMMITTED).is_file()
+            found.append((tag, manifest, committed, check_listing(manifest, committed, sizes_under(folder))))
         listing = [found]
     dist.broadcast_object_list(listing, src=0)
     result = Resumed(tag=None)
-    for tag, manifest, problems in listing[0]:
+    for tag, manifest, committed, problems in listing[0]:
         if not problems and verify_checksums:
             crcs = _shared_crcs(ckpt_dir / tag, sorted(manifest["files"]), rank, world, fsync=False)
             problems = check_checksums(manifest, crcs)
         if problems:
             result.skipped.append((tag, problems))
+            # A committed folder that fails is newer than any that passes: left as it is, retention would count it
+            # among the newest and delete good checkpoints for it. No rank reads it again (the checksums are in).
+            if committed and rank == 0:
+                result.set_aside[tag] = set_aside(ckpt_dir, tag)
             continue
         result.tag, result.manifest = tag, manifest
         break

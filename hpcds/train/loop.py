@@ -254,11 +254,8 @@ class Trainer:
             ),
         )
         seconds = self.reported.checkpoint_time - started
-        print(
-            f"checkpoint step_{step}: {manifest['total_bytes'] / 1e6:.1f} MB in {seconds:.1f} s"
-            + (f" (removed {', '.join(deleted)})" if deleted else ""),
-            flush=True,
-        )
+        removed = f" (removed {', '.join(deleted)})" if deleted else ""
+        print(f"checkpoint step_{step}: {manifest['total_bytes'] / 1e6:.1f} MB in {seconds:.1f} s{removed}", flush=True)
         runs.append_event(
             s.run_dir,
             "checkpoint",
@@ -272,10 +269,11 @@ class Trainer:
         s = self.settings
         started = time.time()
         found = self.found or checkpoint.find_resumable(s.ckpt_dir, rank=s.rank, world=s.world)
-        for tag, problems in found.skipped:
-            if s.rank == 0:
-                print(f"skipping checkpoint {s.ckpt_dir / tag}: " + "; ".join(problems), flush=True)
-                runs.append_event(s.run_dir, "checkpoint_skipped", tag=tag, problems=problems)
+        for tag, problems in found.skipped if s.rank == 0 else ():
+            renamed = found.set_aside.get(tag)  # a committed reject, renamed so that retention never counts it
+            note = f"; renamed to {renamed} (kept for inspection, never resumed from)" if renamed else ""
+            print(f"skipping checkpoint {s.ckpt_dir / tag}: {'; '.join(problems)}{note}", flush=True)
+            runs.append_event(s.run_dir, "checkpoint_skipped", tag=tag, problems=problems, renamed_to=renamed)
         if found.tag is not None:
             from hpcds.train import universal
 
