@@ -325,9 +325,12 @@ def save_on_ranks(out: Path) -> None:
     import torch
 
     from hpcds.errors import HpcdsError
+    from hpcds.train.__main__ import unlink_shm_buffer
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = int(os.environ["RANK"])
+    torch.distributed.barrier()
+    unlink_shm_buffer(rank)  # as the trainer does: DeepSpeed leaves its 69 MB buffer in /dev/shm otherwise
     cases = [(f"z{stage}-{precision}", stage, precision, None) for stage, precision in SAVE_CONFIGS]
     cases += [(fault, 2, "fp32", fault) for fault in ("unseen", "stray")]
     results = {}
@@ -371,3 +374,6 @@ def save_on_ranks(out: Path) -> None:
 
 if __name__ == "__main__":
     save_on_ranks(Path(sys.argv[1]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as the trainer does: interpreter teardown with gloo's threads alive can abort a finished rank
