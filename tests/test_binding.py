@@ -6,6 +6,8 @@ trainer records no affinity, so the test reads it from outside while the job run
 namespaces that share this machine's PID namespace, so every process of the job step is visible here, found by the
 SLURM_JOB_ID in its environment. Each must run on exactly the CPUs `scontrol show job -d` lists for its node: one CPU
 out of the node's two. Under TaskPlugin=task/none every process may use all of the machine's CPUs and the test fails.
+It does not tell srun's `--cpus-per-task` from its absence: on these 1-socket nodes Slurm 22.05 binds a step without
+it to the socket, which within this job's CPUs is the same one CPU (the flag itself is golden-tested).
 """
 
 from __future__ import annotations
