@@ -269,12 +269,15 @@ def execute(
     return result.returncode, records, events, fuzz_seen
 
 
-def check_inert_run(script: str, sandbox: dict[str, Path], fake_rc: int, env_value: str | None = None) -> None:
+def check_inert_run(
+    script: str, sandbox: dict[str, Path], fake_rc: int, env_value: str | None = None, srun_args: list[str] = ()
+) -> None:
     rc, records, events, fuzz_seen = execute(script, sandbox, fake_rc)
     run_dir = str(sandbox["run"])
     assert not sandbox["sentinel"].exists(), "an injected command ran (sentinel file created)"
     assert rc == fake_rc
-    expected = [["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "hpcds", "launch", run_dir]]
+    # srun options from the spec reach srun as they were written: one word each, nothing expanded.
+    expected = [["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *srun_args, "hpcds", "launch", run_dir]]
     if fake_rc == 75:
         expected.append(["scontrol", "requeue", JOB_ID])
     assert records == expected
@@ -303,8 +306,8 @@ def test_hostile_values_in_every_string_field_are_refused_or_inert(sandbox):
     run_dir = str(sandbox["run"])
     base_script = render_sbatch(validate_spec(build_tree(copy.deepcopy(BASE))), run_dir)
     tally = {"refused": 0, "accepted": 0, "executed": 0, "reached_script": 0}
-    to_execute: list[tuple[str, str | None]] = []
-    sampled: list[tuple[str, str | None]] = []
+    to_execute: list[tuple[str, str | None, list[str]]] = []
+    sampled: list[tuple[str, str | None, list[str]]] = []
     for path, how in FIELDS:
         field = dotted(path)
         accepted_here = 0
@@ -334,13 +337,13 @@ def test_hostile_values_in_every_string_field_are_refused_or_inert(sandbox):
             env_value = value if (path, how) == (("slurm", "env"), "map") else None
             if script != base_script:
                 tally["reached_script"] += 1
-                to_execute.append((script, env_value))
+                to_execute.append((script, env_value, list(spec.slurm.srun_args)))
             elif len(sampled) < MIN_EXECUTIONS:
-                sampled.append((script, env_value))
+                sampled.append((script, env_value, list(spec.slurm.srun_args)))
     # Execute every script a value changed, plus unchanged ones up to MIN_EXECUTIONS in all.
     to_execute += sampled[: max(0, MIN_EXECUTIONS - len(to_execute))]
-    for i, (script, env_value) in enumerate(to_execute):
-        check_inert_run(script, sandbox, fake_rc=75 if i % 2 else 0, env_value=env_value)
+    for i, (script, env_value, srun_args) in enumerate(to_execute):
+        check_inert_run(script, sandbox, fake_rc=75 if i % 2 else 0, env_value=env_value, srun_args=srun_args)
         tally["executed"] += 1
     print(f"\nfuzz: {len(values)} values x {len(FIELDS)} fields: {tally}")
     assert tally["executed"] >= MIN_EXECUTIONS

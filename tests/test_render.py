@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -317,6 +318,55 @@ def test_values_sbatch_or_the_script_would_misread_are_refused_with_their_path(a
     with pytest.raises(SpecError) as info:
         render_sbatch(spec, "/r/x")
     assert [p.path for p in info.value.problems] == [path]
+
+
+# The flags hpcds writes itself, as public training scripts also write them; each would silently override the plan,
+# the requeue path or where `hpcds logs` reads.
+OWNED = {
+    "extra_sbatch": [
+        *("--output=logs/%x-%j.out", "--error=logs/%x-%j.err", "--no-requeue", "--signal=B:USR1@90", "--nodes=4"),
+        *("--time=20:00:00", "--job-name=tr11-176B", "--ntasks-per-node=8", "--open-mode=truncate"),
+        *("--gpus-per-node=8", "--gres=gpu:8", "--cpus-per-task=64", "--partition=gpu_p5", "--array=0-3"),
+    ],
+    "srun_args": ["--kill-on-bad-exit=0", "--ntasks-per-node=8", "--export=NONE", "--nodes=2"],
+}
+SITE_FLAGS = {
+    "extra_sbatch": [
+        *("--exclusive", "--reservation=hackathon", "--hint=nomultithread", "--exclude=n[3-4]", "--gres=nvme:1"),
+        "--mail-type=END",
+    ],
+    "srun_args": ["--cpu-bind=cores", "--wait=60", "--label", "--unbuffered", "--mpi=pmix"],
+}
+
+
+def test_flags_hpcds_owns_are_refused_with_the_field_that_sets_them():
+    sets = [f"slurm.{field}={json.dumps(flags)}" for field, flags in OWNED.items()]
+    with pytest.raises(SpecError) as info:
+        load_spec(None, sets, preset="quickstart")
+    found = {(p.path, p.message.split()[0]) for p in info.value.problems}
+    assert found == {(f"slurm.{field}[{i}]", flag) for field, flags in OWNED.items() for i, flag in enumerate(flags)}
+    hints = {p.path: p.hint for p in info.value.problems}
+    assert "slurm.nodes" in hints["slurm.extra_sbatch[4]"] and "max_requeues" in hints["slurm.extra_sbatch[2]"]
+    assert "gpu_request: gres" in hints["slurm.extra_sbatch[10]"] and "hpcds logs" in hints["slurm.extra_sbatch[0]"]
+
+
+def test_site_flags_reach_sbatch_and_srun_and_gres_asks_for_the_gpus():
+    sets = [f"slurm.{field}={json.dumps(flags)}" for field, flags in SITE_FLAGS.items()]
+    spec = load_spec(None, [*sets, "slurm.gpu_request=gres"], {"gpus_per_node": 4}, preset="quickstart")
+    lines = render_sbatch(spec, "/r/x").splitlines()
+    for flag in SITE_FLAGS["extra_sbatch"]:
+        assert f"#SBATCH {flag}" in lines
+    assert "#SBATCH --gres=gpu:4" in lines and not [line for line in lines if "--gpus-per-node" in line]
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    assert shlex.split(srun) == [
+        "srun",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        *SITE_FLAGS["srun_args"],
+        "hpcds",
+        "launch",
+        "$RUN_DIR",
+    ]
 
 
 @pytest.mark.parametrize(("field", "value"), [("time", "\u0663\u0660:00:00"), ("mem", "\u0666\u0664G")])

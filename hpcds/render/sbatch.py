@@ -85,6 +85,7 @@ def _sbatch_problems(spec: JobSpec) -> list[Problem]:
         (f"slurm.{field}", getattr(slurm, field)) for field in ("mem", "time", "partition", "account", "qos")
     ]
     candidates += [(f"slurm.extra_sbatch[{i}]", flag) for i, flag in enumerate(slurm.extra_sbatch)]
+    candidates += [(f"slurm.srun_args[{i}]", flag) for i, flag in enumerate(slurm.srun_args)]
     for path, value in candidates:
         if value is not None and (_has_control(value) or _SBATCH_SPECIAL.search(value)):
             problems.append(
@@ -199,6 +200,8 @@ def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = 
             # Slurm 22.05-23.02 srun ignores SLURM_CPUS_PER_TASK: without this the launcher, every rank and DeepSpeed's
             # CPU Adam share one core under a binding TaskPlugin (task/affinity, task/cgroup).
             srun_cpus=f" --cpus-per-task={slurm.cpus_per_task}" if slurm.cpus_per_task is not None else "",
+            srun_args="".join(f" {shlex.quote(arg)}" for arg in slurm.srun_args),
+            gpu_request=slurm.gpu_request,
             signal_lead_s=slurm.signal_lead_s,
             output_path=f"{run_dir.rstrip('/') or '/'}/slurm-%j.out",
             extra_sbatch=list(slurm.extra_sbatch),

@@ -167,6 +167,49 @@ class CheckpointSpec(Strict):
     )
 
 
+# Flags the batch script writes itself, with where to say what they say instead: given again in extra_sbatch they
+# would silently override the plan, the requeue path or where `hpcds logs` looks.
+_ONE_TASK_PER_NODE = (
+    "hpcds runs one task per node (`hpcds launch`), which starts that node's ranks, one per GPU "
+    "(slurm.ranks_per_node); one Slurm task per GPU is not supported"
+)
+OWNED_SBATCH = {
+    "nodes": "set slurm.nodes (or --nodes on the command line)",
+    "time": "set slurm.time (or --time on the command line)",
+    "job-name": "set name: the job is named after the run",
+    "output": "the output is RUN_DIR/slurm-%j.out, where `hpcds logs` reads it and requeued allocations append",
+    "error": "stderr goes with stdout to RUN_DIR/slurm-%j.out, where `hpcds logs` reads it",
+    "open-mode": "the output is appended to (a requeued job must not truncate it)",
+    "requeue": "the job is always requeueable; hpcds requeues it after a save (slurm.max_requeues)",
+    "no-requeue": "set slurm.max_requeues: 0 to stop self-requeues; Slurm's own requeue must stay possible",
+    "signal": "set slurm.signal_lead_s (the warning signal is USR2, which the trainer handles)",
+    "ntasks-per-node": _ONE_TASK_PER_NODE,
+    "ntasks": _ONE_TASK_PER_NODE,
+    "gpus-per-task": _ONE_TASK_PER_NODE,
+    "gpus-per-node": "set slurm.gpus_per_node (or --gpus-per-node on the command line)",
+    "gpus": "set slurm.gpus_per_node",
+    "cpus-per-task": "set slurm.cpus_per_task",
+    "mem": "set slurm.mem",
+    "partition": "set slurm.partition (or --partition on the command line)",
+    "account": "set slurm.account",
+    "qos": "set slurm.qos",
+    "constraint": "set slurm.constraint",
+    "array": "hpcds submits one job per run",
+}
+OWNED_SRUN = {
+    "kill-on-bad-exit": "always 1: a node that fails ends the step instead of leaving the others in a collective",
+    "ntasks-per-node": _ONE_TASK_PER_NODE,
+    "ntasks": _ONE_TASK_PER_NODE,
+    "nodes": "the step spans the whole allocation (slurm.nodes)",
+    "gpus-per-task": _ONE_TASK_PER_NODE,
+    "cpus-per-task": "set slurm.cpus_per_task (srun gets it from there)",
+    "export": "the step needs the batch script's environment (the rendezvous port, slurm.env)",
+    "output": "the step's output goes to RUN_DIR/slurm-%j.out, where `hpcds logs` reads it",
+    "error": "the step's stderr goes to RUN_DIR/slurm-%j.out, where `hpcds logs` reads it",
+}
+OWNED_GRES = "set slurm.gpus_per_node, and slurm.gpu_request: gres where the site asks for --gres=gpu:N"
+
+
 class SlurmSpec(Strict):
     nodes: int = Field(1, ge=1, description="Nodes to allocate.")
     gpus_per_node: int = Field(1, ge=0, description="GPUs per node; 0 = CPU ranks (tests, debugging).")
@@ -196,6 +239,12 @@ class SlurmSpec(Strict):
     env: dict[EnvName, SafeStr] = Field(default={}, description="Environment variables exported (values shell-quoted).")
     extra_sbatch: list[SbatchFlag] = Field(
         default=[], description="More #SBATCH flags, e.g. --exclusive or --reservation=x."
+    )
+    srun_args: list[SbatchFlag] = Field(
+        default=[], description="More options for the job step's srun, e.g. --cpu-bind=cores, --wait=60, --label."
+    )
+    gpu_request: Literal["gpus_per_node", "gres"] = Field(
+        "gpus_per_node", description="How GPUs are asked for: --gpus-per-node=N, or --gres=gpu:N where a site needs it."
     )
 
     @property
@@ -227,6 +276,16 @@ class SlurmSpec(Strict):
                         "~/.netrc for W&B",
                     )
                 )
+        for field, flags, owned in (
+            ("extra_sbatch", self.extra_sbatch, OWNED_SBATCH),
+            ("srun_args", self.srun_args, OWNED_SRUN),
+        ):
+            for i, flag in enumerate(flags):
+                name = flag.split("=", 1)[0][2:]
+                if name in owned or (name == "gres" and field == "extra_sbatch" and "gpu" in flag):
+                    _problems(info).append(
+                        Problem(f"slurm.{field}[{i}]", f"{flag} is set by hpcds itself", owned.get(name, OWNED_GRES))
+                    )
         if self.signal_lead_s >= self.time_limit_s:
             _problems(info).append(
                 Problem(
