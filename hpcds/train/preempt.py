@@ -13,7 +13,9 @@ mask and unblock it only once their handler is in place.
 `hang_after:K` makes rank 0 sleep there instead, in a job's first allocation only (a hung job: the other ranks wait
 in the collective, heartbeats stop), `stop_save_sleep:S` makes rank 0 sleep S seconds before the save a stop signal
 asks for (a slow save, as a big checkpoint's), `step_sleep:S[:N]` makes rank 0 sleep S seconds at every boundary
-(of the first N allocations; a steady pace for tests that must catch a run mid-way, whatever the machine's load).
+(of the first N allocations; a steady pace for tests that must catch a run mid-way, whatever the machine's load),
+`convert_sleep:S` makes the universal-checkpoint conversion sleep S seconds once its slices are extracted (a slow
+conversion, as a big checkpoint's; it runs in rank 0's converter process).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ class Faults:
     stop_save_sleep_s: float = 0.0
     step_sleep_s: float = 0.0
     step_sleep_allocations: int = 1 << 30  # the first N allocations of a job (by SLURM_RESTART_COUNT)
+    convert_sleep_s: float = 0.0
 
 
 def parse_faults(text: str) -> Faults:
@@ -134,10 +137,13 @@ def parse_faults(text: str) -> Faults:
         elif kind == "step_sleep":
             seconds, _, allocations = rest.partition(":")
             faults = replace(faults, step_sleep_s=float(seconds), step_sleep_allocations=int(allocations or 1 << 30))
+        elif kind == "convert_sleep":
+            faults = replace(faults, convert_sleep_s=float(rest))
         else:
             raise ValueError(
                 f"HPCDS_TEST_FAULT: unknown fault {item!r} "
-                "(signal_at:N:SIG, kill_in_save:N, raise_after:K, hang_after:K, stop_save_sleep:S, step_sleep:S[:N])"
+                "(signal_at:N:SIG, kill_in_save:N, raise_after:K, hang_after:K, stop_save_sleep:S, step_sleep:S[:N], "
+                "convert_sleep:S)"
             )
     return faults
 

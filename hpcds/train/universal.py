@@ -11,12 +11,23 @@ Checked with DeepSpeed 0.19 on CPU ranks: weights and Adam moments bit-identical
 3, and training continues across 4 -> 2 -> 4 ranks (2 -> 1 -> 2 nodes) with stage 2.
 
 The converted copy lives beside the checkpoint it came from, `<checkpoints>/step_<N>.universal/`, with its own
-COMMITTED marker, so a second resume reuses it and a conversion cut short is redone. The top part is pure; from
+COMMITTED marker naming the source (a digest of its manifest), so a second resume reuses it. Rank 0 converts in a
+child process (`python -m hpcds.train.universal SRC DEST`: DeepSpeed's worker pools fork from a clean process, and
+the shards it loads are freed when it ends) while every node rewrites its heartbeat and the other ranks wait in a
+gloo group of their own with an explicit timeout (CONVERT_TIMEOUT_S), never in the training process group.
+`ds_to_universal` cannot resume by itself: it extracts every rank's slices into `DEST/tmp/` (one file per parameter,
+state and rank), then merges them per parameter, and redoes both on every call. hpcds wraps its extraction step: once
+it returns, the slices are fsynced and `DEST/EXTRACTED` records the source digest and their count and bytes; a
+conversion cut short after that point reuses the slices and redoes only the merge. The top part is pure; from
 `convert` on, the functions do the I/O and the collectives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,8 +37,26 @@ from hpcds.errors import HpcdsError
 
 SUFFIX = ".universal"
 MARKER = "COMMITTED"
+# Written once DeepSpeed's extraction step has returned and its slices are on disk: {"source", "files", "bytes"}.
+EXTRACTED = "EXTRACTED"
+# ds_to_universal's own scratch folder inside its output folder (`os.path.join(args.output_folder, 'tmp')`).
+SLICES = "tmp"
 # ds_to_universal also writes this pointer into the folder above its output; hpcds keeps its own (latest.json).
 STRAY_POINTER = "latest_universal"
+# The longest the other ranks wait for rank 0's conversion. It reads every optimizer shard and writes the states
+# twice (slices, then one file per parameter): about three times the checkpoint's size in I/O, e.g. 3.3 TB for a
+# 70B model with Adam, 2 h at 0.5 GB/s. 6 h leaves room for a slow shared file system; a job's time limit usually
+# ends a stuck one sooner. Not a spec field: the phase is rare, and the heartbeats keep the hang watchdog quiet.
+CONVERT_TIMEOUT_S = 6 * 3600
+# The waiting ranks' group outlives the child by this much: rank 0 still has to report the outcome.
+WAIT_MARGIN_S = 300
+# Every node rewrites its heartbeat this often while converting: far below any useful slurm.hang_limit_s.
+HEARTBEAT_INTERVAL_S = 5.0
+# Test hook: the training process group's timeout during this phase, in seconds (restored after). It stands for a
+# short DEEPSPEED_TIMEOUT (whole minutes only), so a test shows in seconds that nobody waits in that group.
+TEST_PG_TIMEOUT_ENV = "HPCDS_TEST_PG_TIMEOUT_S"
+# A merge or extraction worker is a Python process with torch imported, before any tensor it loads.
+WORKER_BASE_BYTES = 512 << 20
 
 
 def saved_world_size(manifest: dict) -> int | None:
@@ -59,48 +88,260 @@ def universal_dir(ckpt_dir: Path, tag: str) -> Path:
     return Path(ckpt_dir) / f"{tag}{SUFFIX}"
 
 
+def source_digest(manifest: dict) -> str:
+    """What a converted copy or its slices were made from: the manifest lists every file's size and CRC-32."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def worker_counts(
+    *, cpus: int, source_ranks: int, params: int, shard_bytes: int, param_bytes: int, available_bytes: int
+) -> tuple[int, int]:
+    """DeepSpeed's (num_extract_workers, num_merge_workers), at least 1 each.
+
+    An extraction worker loads one rank's optimizer file (`shard_bytes`, the largest) and cuts copies of its slices
+    out of it: about twice the file. A merge worker loads one parameter's slices of one state and concatenates them:
+    about twice that state (`param_bytes`, the largest parameter in fp32). Neither helps beyond its number of items
+    (source ranks, parameters) or the CPUs this process may use.
+    """
+    extract = min(cpus, source_ranks, available_bytes // (WORKER_BASE_BYTES + 2 * max(shard_bytes, 1)))
+    merge = min(cpus, params, available_bytes // (WORKER_BASE_BYTES + 2 * max(param_bytes, 1)))
+    return max(1, extract), max(1, merge)
+
+
+def run_dir_of(ckpt_dir: Path) -> Path | None:
+    """The run directory that holds the default checkpoint folder (`<run dir>/checkpoints`), else None."""
+    from hpcds.facts import SPEC_FILE
+
+    parent = Path(ckpt_dir).absolute().parent
+    return parent if (parent / SPEC_FILE).is_file() else None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# I/O
+# I/O: the conversion, in the child process
 
 
-def convert(src: Path, dest: Path, *, workers: int = 1) -> float:
-    """Run DeepSpeed's ds_to_universal on `src` into `dest` (one process: rank 0 calls this); returns seconds taken.
+def sync_tree(folder: Path) -> tuple[int, int]:
+    """fsync every file under `folder` (and the folders); returns (files, bytes). A marker written after this cannot
+    reach the disk before the data it vouches for."""
+    files = total_bytes = 0
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+                total_bytes += os.fstat(handle.fileno()).st_size
+            files += 1
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return files, total_bytes
+
+
+def count_tree(folder: Path) -> tuple[int, int]:
+    files = total_bytes = 0
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            files += 1
+            total_bytes += os.path.getsize(os.path.join(root, name))
+    return files, total_bytes
+
+
+def reusable_slices(dest: Path, digest: str) -> bool:
+    """True when `dest` holds the complete slices of this very source: the marker's digest, count and bytes agree."""
+    try:
+        record = json.loads((dest / EXTRACTED).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or record.get("source") != digest or not (dest / SLICES).is_dir():
+        return False
+    return list(count_tree(dest / SLICES)) == [record.get("files"), record.get("bytes")]
+
+
+def _largest_param(src: Path) -> tuple[int, int] | None:
+    """(parameters, fp32 bytes of the largest) from a model-states file's `param_shapes`, read without its tensors."""
+    import torch
+
+    for path in sorted(src.glob("*mp_rank_00_model_states.pt")):
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        shapes = {name: shape for group in state.get("param_shapes") or [] for name, shape in group.items()}
+        if shapes:
+            return len(shapes), 4 * max(int(torch.Size(shape).numel()) for shape in shapes.values())
+    return None
+
+
+def available_memory_bytes() -> int:
+    """What this process may still allocate: the machine's available memory, or less under a cgroup v2 limit
+    (Slurm's memory enforcement)."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    try:
+        cgroup = Path("/proc/self/cgroup").read_text().splitlines()[0].split("::", 1)[1]
+        folder = Path("/sys/fs/cgroup") / cgroup.lstrip("/")
+        limit = (folder / "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int((folder / "memory.current").read_text()))
+    except (OSError, IndexError, ValueError):
+        pass  # cgroup v1 or none: the machine's figure
+    return max(0, available)
+
+
+def convert(src: Path, dest: Path) -> dict[str, Any]:
+    """Run DeepSpeed's ds_to_universal on `src` into `dest`, reusing complete slices of an earlier try; returns what
+    to log. `dest` gets a COMMITTED marker (the source digest) only once complete and on disk.
 
     `inject_missing_state` adds the universal-checkpoint version record that DeepSpeed expects in client state and
-    that plain `save_checkpoint` calls do not write. The result gets a COMMITTED marker only once complete.
+    that plain `save_checkpoint` calls do not write.
     """
     import argparse
-    import contextlib
-    import io
 
     from deepspeed.checkpoint import ds_to_universal
 
+    from hpcds.train.preempt import faults_from_env
+
     started = time.perf_counter()
-    if dest.exists():
+    digest = source_digest(json.loads((src / "manifest.json").read_text()))
+    reused = reusable_slices(dest, digest)
+    if reused:  # everything but the slices: a merge cut short can leave a half-written file of any name
+        for path in dest.iterdir():
+            if path.name not in (SLICES, EXTRACTED):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    elif dest.exists():
         shutil.rmtree(dest)
+    shards = list(src.glob("*optim_states.pt"))
+    shard_bytes = max(path.stat().st_size for path in shards)
+    # Without the shapes, no parameter is larger than a whole shard, and any number of them may be merged at once.
+    params, param_bytes = _largest_param(src) or (1 << 30, shard_bytes)
+    extract_workers, merge_workers = worker_counts(
+        cpus=len(os.sched_getaffinity(0)),
+        source_ranks=len(shards),
+        params=params,
+        shard_bytes=shard_bytes,
+        param_bytes=param_bytes,
+        available_bytes=available_memory_bytes(),
+    )
     args = argparse.Namespace(
         input_folder=str(src),
         output_folder=str(dest),
-        num_extract_workers=workers,
-        num_merge_workers=workers,
-        keep_temp_folder=False,
+        num_extract_workers=extract_workers,
+        num_merge_workers=merge_workers,
+        keep_temp_folder=True,  # hpcds removes the slices itself, after the commit is decided
         strict=True,
         inject_missing_state=True,
     )
-    chatter = io.StringIO()  # progress bars and per-file prints: hundreds of lines for a large model
+    sleep_s = faults_from_env().convert_sleep_s
+
+    def marked(extract):
+        def run(*a, **k):
+            if not reused:
+                extract(*a, **k)
+                files, total_bytes = sync_tree(dest / SLICES)
+                record = {"source": digest, "files": files, "bytes": total_bytes}
+                (dest / EXTRACTED).write_text(json.dumps(record) + "\n")
+                sync_tree(dest / EXTRACTED)
+            if sleep_s:  # HPCDS_TEST_FAULT convert_sleep:S, a slow conversion, after the slices are safe
+                time.sleep(sleep_s)
+
+        return run
+
+    names = ("_extract_zero_shard_files", "_extract_zero_shard_files_stage3")
+    originals = {name: getattr(ds_to_universal, name) for name in names}
+    for name, extract in originals.items():
+        setattr(ds_to_universal, name, marked(extract))
     try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            ds_to_universal.main(args)
-    except Exception as exc:
-        shutil.rmtree(dest, ignore_errors=True)
-        tail = "\n".join(chatter.getvalue().splitlines()[-5:])
-        raise HpcdsError(
-            f"converting {src} to a universal checkpoint failed: {type(exc).__name__}: {exc}\n{tail}\n"
-            "hint: resume with the node count the checkpoint was written with"
-        ) from exc
+        ds_to_universal.main(args)
+    finally:
+        for name, extract in originals.items():
+            setattr(ds_to_universal, name, extract)
+    (dest / EXTRACTED).unlink()
+    shutil.rmtree(dest / SLICES)
     (dest.parent / STRAY_POINTER).unlink(missing_ok=True)
-    (dest / MARKER).write_text(f"{time.time():.3f}\n")
-    return time.perf_counter() - started
+    sync_tree(dest)
+    (dest / MARKER).write_text(digest + "\n")
+    sync_tree(dest / MARKER)
+    return {
+        "reused_slices": reused,
+        "extract_workers": extract_workers,
+        "merge_workers": merge_workers,
+        "convert_s": round(time.perf_counter() - started, 3),
+    }
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when the rank that started it dies (a SIGKILLed rank leaves no converter
+    behind to race the next try), then check that it had not died already."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m hpcds.train.universal")
+    parser.add_argument("src", type=Path)
+    parser.add_argument("dest", type=Path)
+    parser.add_argument("--parent-pid", type=int)
+    args = parser.parse_args(argv)
+    if args.parent_pid:
+        _die_with_parent(args.parent_pid)
+    import multiprocessing
+
+    # ds_to_universal's worker pools use the default start method, fork on Linux: forked from a process that has
+    # already run torch (shard loading, the in-process extraction), merge workers hung for good in a futex here.
+    # A fork server forks them from a fresh process instead.
+    multiprocessing.set_start_method("forkserver", force=True)
+    result = convert(args.src, args.dest)
+    print("RESULT " + json.dumps(result), file=sys.stdout, flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# I/O: the ranks
+
+
+def run_converter(src: Path, dest: Path) -> dict[str, Any]:
+    """Rank 0: the conversion in a child process, bounded by CONVERT_TIMEOUT_S; what it reports, or HpcdsError.
+
+    The stop signals are blocked in the child (as in the launchers): a stop asked during the conversion is acted on
+    at the first step boundary after it, like one asked during any other part of start-up.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    from hpcds.facts import STOP_SIGNUMS
+
+    argv = [sys.executable, "-m", "hpcds.train.universal", str(src), str(dest), "--parent-pid", str(os.getpid())]
+    # The child never needs a GPU: DeepSpeed loads every shard with map_location="cpu".
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNUMS))
+    try:
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    try:
+        output, _ = child.communicate(timeout=CONVERT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        output, _ = child.communicate()
+        problem = f"no result after {CONVERT_TIMEOUT_S} s"
+    else:
+        problem = f"exit code {child.returncode}"
+    lines = output.splitlines()  # progress bars and per-file prints: hundreds of lines for a large model
+    if child.returncode == 0 and lines and lines[-1].startswith("RESULT "):
+        return json.loads(lines[-1].removeprefix("RESULT "))
+    tail = "\n".join(lines[-8:])
+    raise HpcdsError(
+        f"converting {src} to a universal checkpoint failed ({problem}):\n{tail}\n"
+        "hint: resume with the node count the checkpoint was written with; slices already extracted are kept "
+        f"in {dest} for the next try"
+    )
 
 
 def remove_stale(ckpt_dir: Path, keep: Path) -> None:
@@ -110,27 +351,74 @@ def remove_stale(ckpt_dir: Path, keep: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def prepare(ckpt_dir: Path, tag: str, *, rank: int) -> tuple[Path, float | None]:
-    """Every rank calls this: rank 0 converts `tag` unless a complete converted copy exists; all wait for it.
+class Heartbeats:
+    """Rewrites this node's heartbeat every HEARTBEAT_INTERVAL_S from a thread while the conversion runs: the batch
+    script's hang watchdog reads their ages, and a conversion can take longer than its limit."""
 
-    Returns the universal folder and the conversion time (rank 0, None when reused or on other ranks).
+    def __init__(self, run_dir: Path | None, step: int, interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
+        import threading
+
+        self.run_dir, self.step, self.interval_s = run_dir, step, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="hpcds-convert-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        from hpcds.train.progress import write_heartbeat
+
+        while True:
+            with contextlib.suppress(OSError):  # a flaky file system must not end the conversion; the next beat retries
+                write_heartbeat(self.run_dir, self.step)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> Heartbeats:
+        if self.run_dir is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def prepare(
+    ckpt_dir: Path, tag: str, manifest: dict, *, rank: int, run_dir: Path | None = None
+) -> tuple[Path, dict[str, Any] | None]:
+    """Every rank calls this: rank 0 converts `tag` unless a complete converted copy of it exists; all wait for it.
+
+    Returns the universal folder and what the conversion reported (None when a converted copy was reused).
     """
+    from datetime import timedelta
+
     import torch.distributed as dist
+    from deepspeed.constants import default_pg_timeout
 
     dest = universal_dir(ckpt_dir, tag)
-    seconds: float | None = None
-    failure: list[Any] = [None]
-    if rank == 0:
-        try:
-            if not (dest / MARKER).is_file():
-                seconds = convert(Path(ckpt_dir) / tag, dest)
-            remove_stale(ckpt_dir, dest)
-        except HpcdsError as exc:
-            failure = [str(exc)]
-    dist.broadcast_object_list(failure, src=0)
-    if failure[0]:
-        raise HpcdsError(failure[0] if rank == 0 else f"rank 0 could not convert {tag}: {failure[0]}")
-    return dest, seconds
+    # Created by every rank, before anyone waits; the training group's timeout (DEEPSPEED_TIMEOUT) never applies.
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=CONVERT_TIMEOUT_S + WAIT_MARGIN_S))
+    if os.environ.get(TEST_PG_TIMEOUT_ENV):
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=float(os.environ[TEST_PG_TIMEOUT_ENV])))
+    beating = run_dir if os.environ.get("LOCAL_RANK", "0") == "0" else None  # one heartbeat file per node
+    outcome: list[Any] = [None, None]  # (failure, report)
+    try:
+        with Heartbeats(beating, int(manifest.get("step", 0))):
+            if rank == 0:
+                try:
+                    committed = (dest / MARKER).is_file() and (dest / MARKER).read_text().strip()
+                    if committed != source_digest(manifest):
+                        outcome[1] = run_converter(Path(ckpt_dir) / tag, dest)
+                    remove_stale(ckpt_dir, dest)
+                except Exception as exc:  # the others must hear of it now, not at the end of their wait
+                    outcome[0] = str(exc) if isinstance(exc, HpcdsError) else f"{type(exc).__name__}: {exc}"
+            dist.broadcast_object_list(outcome, src=0, group=group)
+    finally:
+        if os.environ.get(TEST_PG_TIMEOUT_ENV):
+            dist.distributed_c10d._set_pg_timeout(default_pg_timeout)
+        dist.destroy_process_group(group)
+    if outcome[0]:
+        raise HpcdsError(outcome[0] if rank == 0 else f"rank 0 could not convert {tag}: {outcome[0]}")
+    return dest, outcome[1]
 
 
 def load_universal(engine, dest: Path) -> None:
@@ -149,16 +437,23 @@ def load_universal(engine, dest: Path) -> None:
 
 
 def load_for_resume(
-    engine, ckpt_dir: Path, tag: str, manifest: dict, *, zero_stage: int, rank: int, world_size: int
+    engine,
+    ckpt_dir: Path,
+    tag: str,
+    manifest: dict,
+    *,
+    zero_stage: int,
+    rank: int,
+    world_size: int,
+    run_dir: Path | None = None,
 ) -> tuple[dict, dict | None]:
     """Load checkpoint `tag` into `engine` on every rank, through the universal format when the number of ranks
     changed. Returns this rank's saved state (trainer state, RNG states, `saved_time`) and, when converted, what to log.
 
     With more ranks than the checkpoint had, a new rank takes the saved state of the rank it maps onto: the trainer
-    state is the same on every rank, and the RNG streams only need to differ between ranks.
+    state is the same on every rank, and the RNG streams only need to differ between ranks. `run_dir` receives the
+    heartbeats during a conversion (default: the run directory above a default checkpoint folder).
     """
-    import os
-
     import torch
 
     from hpcds.train.checkpoint import rank_state_name
@@ -171,14 +466,15 @@ def load_for_resume(
     converted = None
     if needs_conversion(manifest, zero_stage=zero_stage, world_size=world_size):
         started = time.perf_counter()
-        dest, convert_s = prepare(Path(ckpt_dir), tag, rank=rank)
+        dest, report = prepare(Path(ckpt_dir), tag, manifest, rank=rank, run_dir=run_dir or run_dir_of(ckpt_dir))
         load_universal(engine, dest)
         converted = {
             "tag": tag,
             "from_world_size": saved_world,
             "to_world_size": world_size,
             "zero_stage": zero_stage,
-            "convert_s": None if convert_s is None else round(convert_s, 3),
+            "convert_s": None,
+            **(report or {}),
             "load_s": round(time.perf_counter() - started, 3),
         }
     else:
@@ -188,3 +484,7 @@ def load_for_resume(
     saved = torch.load(rank_file, weights_only=False)
     saved["saved_time"] = os.path.getmtime(rank_file)
     return saved, converted
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
