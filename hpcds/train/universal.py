@@ -12,7 +12,7 @@ Checked with DeepSpeed 0.19 on CPU ranks: weights and Adam moments bit-identical
 
 The converted copy lives beside the checkpoint it came from, `<checkpoints>/step_<N>.universal/`, with its own
 COMMITTED marker naming the source (a digest of its manifest), so a second resume reuses it. Rank 0 converts in a
-child process (`python -m hpcds.train.universal SRC DEST`: DeepSpeed's worker pools fork from a clean process, and
+child process (`python -m hpcds.train.universal SRC DEST`: DeepSpeed's worker pools start from a fork server, and
 the shards it loads are freed when it ends) while every node rewrites its heartbeat and the other ranks wait in a
 gloo group of their own with an explicit timeout (CONVERT_TIMEOUT_S), never in the training process group.
 `ds_to_universal` cannot resume by itself: it extracts every rank's slices into `DEST/tmp/` (one file per parameter,
@@ -120,30 +120,21 @@ def run_dir_of(ckpt_dir: Path) -> Path | None:
 # I/O: the conversion, in the child process
 
 
-def sync_tree(folder: Path) -> tuple[int, int]:
-    """fsync every file under `folder` (and the folders); returns (files, bytes). A marker written after this cannot
-    reach the disk before the data it vouches for."""
+def walk_files(folder: Path, *, fsync: bool = False) -> tuple[int, int]:
+    """(files, bytes) under `folder`; with `fsync`, each file and folder is synced first, so that a marker written
+    after this cannot reach the disk before the data it vouches for."""
     files = total_bytes = 0
     for root, _dirs, names in os.walk(folder):
         for name in names:
-            with open(os.path.join(root, name), "rb") as handle:
-                os.fsync(handle.fileno())
-                total_bytes += os.fstat(handle.fileno()).st_size
-            files += 1
-        fd = os.open(root, os.O_RDONLY)
-        try:
+            path = os.path.join(root, name)
+            if fsync:
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+            files, total_bytes = files + 1, total_bytes + os.path.getsize(path)
+        if fsync:
+            fd = os.open(root, os.O_RDONLY)
             os.fsync(fd)
-        finally:
             os.close(fd)
-    return files, total_bytes
-
-
-def count_tree(folder: Path) -> tuple[int, int]:
-    files = total_bytes = 0
-    for root, _dirs, names in os.walk(folder):
-        for name in names:
-            files += 1
-            total_bytes += os.path.getsize(os.path.join(root, name))
     return files, total_bytes
 
 
@@ -155,7 +146,7 @@ def reusable_slices(dest: Path, digest: str) -> bool:
         return False
     if not isinstance(record, dict) or record.get("source") != digest or not (dest / SLICES).is_dir():
         return False
-    return list(count_tree(dest / SLICES)) == [record.get("files"), record.get("bytes")]
+    return list(walk_files(dest / SLICES)) == [record.get("files"), record.get("bytes")]
 
 
 def _largest_param(src: Path) -> tuple[int, int] | None:
@@ -198,6 +189,7 @@ def convert(src: Path, dest: Path) -> dict[str, Any]:
 
     from deepspeed.checkpoint import ds_to_universal
 
+    from hpcds.runs import write_text_atomic
     from hpcds.train.preempt import faults_from_env
 
     started = time.perf_counter()
@@ -236,17 +228,17 @@ def convert(src: Path, dest: Path) -> dict[str, Any]:
         def run(*a, **k):
             if not reused:
                 extract(*a, **k)
-                files, total_bytes = sync_tree(dest / SLICES)
+                files, total_bytes = walk_files(dest / SLICES, fsync=True)
                 record = {"source": digest, "files": files, "bytes": total_bytes}
-                (dest / EXTRACTED).write_text(json.dumps(record) + "\n")
-                sync_tree(dest / EXTRACTED)
+                write_text_atomic(dest / EXTRACTED, json.dumps(record) + "\n")
             if sleep_s:  # HPCDS_TEST_FAULT convert_sleep:S, a slow conversion, after the slices are safe
                 time.sleep(sleep_s)
 
         return run
 
+    # DeepSpeed 0.19's extraction steps of stages 1-2 and 3; a version without them converts, but cannot resume.
     names = ("_extract_zero_shard_files", "_extract_zero_shard_files_stage3")
-    originals = {name: getattr(ds_to_universal, name) for name in names}
+    originals = {name: getattr(ds_to_universal, name) for name in names if hasattr(ds_to_universal, name)}
     for name, extract in originals.items():
         setattr(ds_to_universal, name, marked(extract))
     try:
@@ -254,12 +246,11 @@ def convert(src: Path, dest: Path) -> dict[str, Any]:
     finally:
         for name, extract in originals.items():
             setattr(ds_to_universal, name, extract)
-    (dest / EXTRACTED).unlink()
-    shutil.rmtree(dest / SLICES)
+    (dest / EXTRACTED).unlink(missing_ok=True)
+    shutil.rmtree(dest / SLICES, ignore_errors=True)
     (dest.parent / STRAY_POINTER).unlink(missing_ok=True)
-    sync_tree(dest)
-    (dest / MARKER).write_text(digest + "\n")
-    sync_tree(dest / MARKER)
+    walk_files(dest, fsync=True)
+    write_text_atomic(dest / MARKER, digest + "\n")
     return {
         "reused_slices": reused,
         "extract_workers": extract_workers,
@@ -339,8 +330,8 @@ def run_converter(src: Path, dest: Path) -> dict[str, Any]:
     tail = "\n".join(lines[-8:])
     raise HpcdsError(
         f"converting {src} to a universal checkpoint failed ({problem}):\n{tail}\n"
-        "hint: resume with the node count the checkpoint was written with; slices already extracted are kept "
-        f"in {dest} for the next try"
+        "hint: resume with the node count the checkpoint was written with; the next try reuses the slices in "
+        f"{dest / SLICES} if their extraction had finished"
     )
 
 
