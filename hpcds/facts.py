@@ -36,6 +36,10 @@ CHECKPOINT_DIR = "checkpoints"
 # ephemeral range, and passes it to every node's `hpcds launch` in this environment variable.
 MASTER_PORT_ENV = "HPCDS_MASTER_PORT"
 MASTER_PORT_LOW = 20000
+# With a container, `hpcds launch` runs where scontrol may be missing: the batch script passes the allocation's host
+# names, and the version of the hpcds that rendered it (a different one inside the image is reported).
+NODES_ENV = "HPCDS_NODES"
+OUTSIDE_VERSION_ENV = "HPCDS_OUTSIDE_VERSION"
 
 # Environment names whose values are secrets: refused in a spec's `slurm.env` (they would be written into spec.yaml
 # and job.sbatch) and redacted from W&B's run config. Whole words between underscores, so TOKENIZERS_PARALLELISM
@@ -55,4 +59,6 @@ def template_facts() -> dict[str, object]:
         "heartbeat_dir": HEARTBEAT_DIR,
         "master_port_env": MASTER_PORT_ENV,
         "port_low": MASTER_PORT_LOW,
+        "nodes_env": NODES_ENV,
+        "outside_version_env": OUTSIDE_VERSION_ENV,
     }

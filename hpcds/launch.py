@@ -23,9 +23,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hpcds import runs
+from hpcds import __version__, runs
 from hpcds.errors import CommandError, HpcdsError
-from hpcds.facts import MASTER_PORT_ENV, SPEC_FILE, STOP_SIGNUMS
+from hpcds.facts import MASTER_PORT_ENV, NODES_ENV, OUTSIDE_VERSION_ENV, SPEC_FILE, STOP_SIGNUMS
 from hpcds.render.hostfile import parse_hostfile, render_hostfile
 
 TRAIN_MODULE = "hpcds.train"
@@ -162,9 +162,12 @@ def launch_node(run_dir: Path, env: Mapping[str, str] | None = None) -> None:
     nodelist = env.get("SLURM_JOB_NODELIST")
     if not job_id or not nodelist:
         raise HpcdsError("hpcds launch runs inside a Slurm job (SLURM_JOB_ID is unset); use `hpcds run` locally")
-    from hpcds import slurm
+    if env.get(NODES_ENV):  # inside a container, from the batch script outside (the image may lack scontrol)
+        hosts = env[NODES_ENV].split()
+    else:
+        from hpcds import slurm
 
-    hosts = slurm.show_hostnames(nodelist)
+        hosts = slurm.show_hostnames(nodelist)
     expected_nodes = env.get("SLURM_JOB_NUM_NODES")
     if not hosts or (expected_nodes and int(expected_nodes) != len(hosts)):
         raise HpcdsError(f"scontrol gave hosts {hosts} for {nodelist}, but SLURM_JOB_NUM_NODES={expected_nodes}")
@@ -183,9 +186,16 @@ def launch_node(run_dir: Path, env: Mapping[str, str] | None = None) -> None:
         deepspeed=_deepspeed_executable(),
     )
     restart = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
-    runs.append_event(
-        run_dir, "launch", job_id=job_id, restart=restart, host=hosts[node_rank], node_rank=node_rank, argv=argv
-    )
+    where = {"host": hosts[node_rank], "node_rank": node_rank, "mnt_ns": _mount_namespace()}
+    runs.append_event(run_dir, "launch", job_id=job_id, restart=restart, version=__version__, **where, argv=argv)
+    outside = env.get(OUTSIDE_VERSION_ENV)
+    if outside and outside != __version__:
+        runs.append_event(run_dir, "version_mismatch", job_id=job_id, outside=outside, inside=__version__, **where)
+        print(
+            f"hpcds launch: warning: the batch script was written by hpcds {outside}, but the container runs hpcds "
+            f"{__version__}; install the same version in the image (slurm.container.hpcds names the one it runs)",
+            file=sys.stderr,
+        )
     signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNUMS))
     sys.stdout.flush()
     sys.stderr.flush()
@@ -193,6 +203,14 @@ def launch_node(run_dir: Path, env: Mapping[str, str] | None = None) -> None:
         os.execve(argv[0], argv, _train_env(env, gpu))
     except OSError as exc:
         raise CommandError(argv, None, str(exc)) from None
+
+
+def _mount_namespace() -> str | None:
+    # Differs from the batch shell's (its `started` event) when the node's launcher runs in a container.
+    try:
+        return os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return None
 
 
 def free_port() -> int:

@@ -114,3 +114,26 @@ def test_node_rank_from_this_process_env():
 def test_launch_outside_slurm_is_a_clear_error(tmp_path):
     with pytest.raises(HpcdsError, match="inside a Slurm job"):
         launch.launch_node(tmp_path, env={})
+
+
+def test_a_launcher_in_a_container_needs_no_scontrol_and_reports_another_version(tmp_path, monkeypatch, capsys):
+    # Inside an image without scontrol: the hosts come from the batch script outside, and so does the version of the
+    # hpcds that wrote it. (The exec is the one part replaced: a test cannot become DeepSpeed's launcher.)
+    from hpcds import __version__, facts, runs
+    from hpcds.spec import load_spec
+
+    spec = load_spec(None, [], {"nodes": 2, "gpus_per_node": 0}, preset="quickstart")
+    (tmp_path / facts.SPEC_FILE).write_text(spec.to_yaml())
+    execs = []
+    monkeypatch.setattr(launch.os, "execve", lambda *args: execs.append(args))
+    monkeypatch.setattr(launch.signal, "pthread_sigmask", lambda *args: set())  # keep the test process's mask
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURMD_NODENAME": "n2"}
+    env |= {facts.NODES_ENV: "n1 n2", facts.OUTSIDE_VERSION_ENV: "0.0.1", facts.MASTER_PORT_ENV: "23456"}
+    launch.launch_node(tmp_path, env={**env, "PATH": str(tmp_path)})  # no scontrol on this PATH
+    ((_, argv, _),) = execs
+    runner = pytest.importorskip("deepspeed.launcher.runner")
+    args = runner.parse_args(argv[1:])
+    assert (args.node_rank, args.master_addr, args.master_port) == (1, "n1", 23456)
+    mismatch = [e for e in runs.read_events(tmp_path) if e["event"] == "version_mismatch"]
+    assert [(e["outside"], e["inside"], e["host"]) for e in mismatch] == [("0.0.1", __version__, "n2")]
+    assert "written by hpcds 0.0.1" in capsys.readouterr().err

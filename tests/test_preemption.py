@@ -397,9 +397,14 @@ CASES = {
     "timelimit": Case("timelimit", TIMELIMIT_SPEC, env={"HPCDS_TEST_FAULT": "step_sleep:1.5:1"}),
 }
 # Across nodes: one warning to a 2-node run (world size 4); it must resume on both nodes and match a 2-node reference.
-CASES["reference2"] = Case("reference2", [*SPEC, "--nodes", "2"])
-CASES["warning2"] = Case("warning2", [*SPEC, "--nodes", "2"], lambda case: case.signal_and_time_save(0), env=PACE)
-CASES["scontrol2"] = Case("scontrol2", [*SPEC, "--nodes", "2"], requeue_by_scontrol, env=SLOW_SAVE)
+# The interrupted runs go through a real container (bubblewrap: own mount, PID and IPC namespaces, own /dev/shm), so
+# the warning and the TERM must reach the ranks through the wrapper, and training must match the plain reference.
+BWRAP = ROOT / "tests" / "fixtures" / "bwrap-container"
+CONTAINED = ["--set", f"slurm.container={{kind: wrapper, wrapper: [{BWRAP}]}}"]
+TWO_NODES = [*SPEC, "--nodes", "2"]
+CASES["reference2"] = Case("reference2", TWO_NODES)
+CASES["warning2"] = Case("warning2", [*TWO_NODES, *CONTAINED], lambda case: case.signal_and_time_save(0), env=PACE)
+CASES["scontrol2"] = Case("scontrol2", [*TWO_NODES, *CONTAINED], requeue_by_scontrol, env=SLOW_SAVE)
 GROUPS = [
     ["reference", "warnings", "scontrol", "failing"],
     ["preempted", "timelimit", "hung"],
@@ -578,8 +583,18 @@ def test_two_node_run_warned_once_resumes_on_both_nodes_and_matches(cases):
     for restart in (0, 1):  # both allocations launched on both nodes
         hosts = {e["host"] for e in events(case.run_dir, "launch") if e["restart"] == restart}
         assert {"n1", "n2"} <= hosts, hosts
+    assert_ran_in_the_container(case)
     assert not case.leftovers, case.leftovers
     assert_same_training(ref.run_dir, case.run_dir)
+
+
+def assert_ran_in_the_container(case: Case) -> None:
+    """Every node's launcher (and so its ranks) ran in another mount namespace than the batch script, which logged
+    the job's events and requeued it from outside."""
+    shell = {e["mnt_ns"] for e in events(case.run_dir, "started")}
+    launched = [e["mnt_ns"] for e in events(case.run_dir, "launch")]
+    assert len(shell) == 1 and None not in shell and len(launched) == 4, (shell, launched)
+    assert not shell & set(launched) and None not in launched, (shell, launched)
 
 
 @pytest.mark.slurm
@@ -588,6 +603,7 @@ def test_two_node_run_requeued_by_scontrol_saves_on_term_and_resumes_at_that_ste
     assert case.ended["class"] == "finished", case.ended
     assert_resumed_where_term_stopped(case)
     assert [e["world_size"] for e in events(case.run_dir, "train_start")] == [4, 4]
+    assert_ran_in_the_container(case)
     assert not case.leftovers, case.leftovers
     assert_same_training(ref.run_dir, case.run_dir)
     print(

@@ -30,6 +30,7 @@ from hpcds.render import (
     render_sbatch,
     render_submit_templates,
 )
+from hpcds.render.sbatch import container_binds
 from hpcds.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,29 @@ CASES = {
             "slurm.extra_sbatch=[--exclusive, --reservation=llm]",
         ],
         {"nodes": 4, "gpus_per_node": 4, "partition": "gpu", "time": "2-00:00:00"},
+    ),
+    # Containers whose runtimes are not installed here: the rendering of their documented syntax, checked by
+    # bash -n and shellcheck (docs/containers.md says what was and was not run).
+    "container-pyxis": (
+        "7b_mamba",
+        [
+            "deepspeed.zero_stage=3",
+            "slurm.container={kind: pyxis, image: 'nvcr.io#nvidia/pytorch:24.05-py3', mounts: [/lustre:/lustre], "
+            "workdir: /workspace, args: [--container-env=NCCL_DEBUG, --no-container-mount-home]}",
+            "data.train=[/lustre/data/fineweb]",
+            "slurm.gpu_request=gres",
+            "slurm.srun_args=[--cpu-bind=none, --wait=60]",
+        ],
+        {"nodes": 2, "gpus_per_node": 8},
+    ),
+    "container-apptainer": (
+        "gpt2-xl",
+        [
+            "slurm.container={kind: apptainer, image: /images/train.sif, mounts: ['/scratch/hf:/root/.cache/hf:ro'], "
+            "args: [--writable-tmpfs], hpcds: [python3, -m, hpcds]}",
+            "model.max_seq_len=1024",
+        ],
+        {"nodes": 2, "gpus_per_node": 4},
     ),
 }
 
@@ -348,6 +372,40 @@ def test_flags_hpcds_owns_are_refused_with_the_field_that_sets_them():
     hints = {p.path: p.hint for p in info.value.problems}
     assert "slurm.nodes" in hints["slurm.extra_sbatch[4]"] and "max_requeues" in hints["slurm.extra_sbatch[2]"]
     assert "gpu_request: gres" in hints["slurm.extra_sbatch[10]"] and "hpcds logs" in hints["slurm.extra_sbatch[0]"]
+
+
+@pytest.mark.parametrize(
+    ("container", "paths"),
+    [
+        ("{kind: pyxis}", ["slurm.container.image"]),
+        ("{kind: wrapper, image: x.sif}", ["slurm.container.image", "slurm.container.wrapper"]),
+        (
+            "{kind: apptainer, image: x.sif, workdir: /w, args: [--cleanenv]}",
+            ["slurm.container.workdir", "slurm.container.args[0]"],
+        ),
+        ("{kind: pyxis, image: x, args: [--container-mounts=/a:/a]}", ["slurm.container.args[0]"]),
+        (
+            "{kind: pyxis, image: x, mounts: ['a:/a', '/b,/c']}",
+            ["slurm.container.mounts[0]", "slurm.container.mounts[1]"],
+        ),
+    ],
+)
+def test_container_settings_that_cannot_work_are_refused_with_their_path(container, paths):
+    with pytest.raises(SpecError) as info:
+        load_spec(None, [f"slurm.container={container}"], preset="quickstart")
+    assert sorted(p.path for p in info.value.problems) == sorted(paths)
+
+
+def test_container_binds_the_runs_folders_at_their_own_paths():
+    sets = ["slurm.container={kind: apptainer, image: /i.sif, mounts: ['/lustre:/lustre', '/s:/cache:ro']}"]
+    sets += ["data.train=[/lustre/d, /data/a, /data/a/b]", "model.path=/models/m", "checkpoint.dir=/ckpt/r"]
+    sets += ["data.tokenizer=hf:/models/m/tok", "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=nvme"]
+    spec = load_spec(None, [*sets, "deepspeed.nvme_path=/local_nvme"], preset="quickstart")
+    binds = container_binds(spec, "/runs/r1")
+    assert binds == [f"{p}:{p}" for p in ("/runs/r1", "/data/a", "/models/m", "/ckpt/r", "/local_nvme")] + [
+        "/lustre:/lustre",
+        "/s:/cache:ro",
+    ]
 
 
 def test_site_flags_reach_sbatch_and_srun_and_gres_asks_for_the_gpus():

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpcds import __version__
 from hpcds.errors import HpcdsError, Problem, SpecError
-from hpcds.facts import SECRET_NAME, template_facts
+from hpcds.facts import HF_PREFIX, SECRET_NAME, WARNING_SIGNAL, template_facts
 
 if TYPE_CHECKING:
     import jinja2
@@ -163,6 +163,47 @@ def _sbatch_word(value: str) -> str:
     return f'"{value}"' if re.search(r"\s", value) else value
 
 
+def container_binds(spec: JobSpec, run_dir: str) -> list[str]:
+    """What the container must see as outside: the run directory and the spec's folders (data, model, tokenizer,
+    checkpoints, NVMe) at the same paths, then the spec's own mounts. A folder inside another one that is bound at its
+    own path (the spec's `/lustre:/lustre` included) is left out."""
+    data = spec.data
+    mounts = list(spec.slurm.container.mounts)
+    same_path = [src for src, dst, *_ in ([*m.split(":"), ""] for m in mounts) if dst in ("", src)]
+    paths = [run_dir, *(d.path for d in [*data.train, *data.val]), spec.model.path, spec.checkpoint.dir]
+    paths += [data.tokenizer.removeprefix(HF_PREFIX), spec.deepspeed.nvme_path]
+    folders: list[str] = []
+    for path in (p.rstrip("/") for p in paths if p and p.startswith("/")):
+        if not any(path == f or path.startswith(f.rstrip("/") + "/") for f in [*folders, *same_path]):
+            folders = [f for f in folders if not f.startswith(path + "/")] + [path]
+    return [f"{folder}:{folder}" for folder in folders] + mounts
+
+
+def _step_prefix(spec: JobSpec, run_dir: str) -> list[str]:
+    """The words on the srun line between srun's options and `hpcds launch`: the container, if any."""
+    container = spec.slurm.container
+    if container is None:
+        return []
+    if container.kind == "pyxis":  # srun itself starts the task inside: no process of its own to keep alive
+        words = [
+            f"--container-image={container.image}",
+            "--container-mounts=" + ",".join(container_binds(spec, run_dir)),
+        ]
+        if container.workdir:
+            words.append(f"--container-workdir={container.workdir}")
+        return words + list(container.args)
+    if container.kind == "apptainer":
+        gpu = ["--nv"] if spec.slurm.gpus_per_node else []
+        runner = ["apptainer", "exec", *gpu, "--bind", ",".join(container_binds(spec, run_dir)), *container.args]
+        runner.append(container.image)
+    else:
+        runner = list(container.wrapper)
+    # Slurm sends its warning and TERM to every process of the step, the wrapper too, which would die of them and take
+    # the ranks along. Ignored signals stay ignored across exec; `hpcds launch` inside blocks them as usual.
+    keep_alive = f'trap "" {WARNING_SIGNAL} TERM INT; exec "$@"'
+    return ["bash", "-c", keep_alive, "hpcds-container", *runner]
+
+
 def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = "hpcds") -> str:
     """The batch script of the run whose directory is `run_dir` (absolute; the output file goes there too).
 
@@ -200,7 +241,8 @@ def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = 
             # Slurm 22.05-23.02 srun ignores SLURM_CPUS_PER_TASK: without this the launcher, every rank and DeepSpeed's
             # CPU Adam share one core under a binding TaskPlugin (task/affinity, task/cgroup).
             srun_cpus=f" --cpus-per-task={slurm.cpus_per_task}" if slurm.cpus_per_task is not None else "",
-            srun_args="".join(f" {shlex.quote(arg)}" for arg in slurm.srun_args),
+            srun_args="".join(f" {shlex.quote(arg)}" for arg in [*slurm.srun_args, *_step_prefix(spec, run_dir)]),
+            container=slurm.container is not None,
             gpu_request=slurm.gpu_request,
             signal_lead_s=slurm.signal_lead_s,
             output_path=f"{run_dir.rstrip('/') or '/'}/slurm-%j.out",
@@ -208,7 +250,7 @@ def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = 
             run_dir_q=shlex.quote(run_dir),
             setup=list(slurm.setup),
             env=[(name, shlex.quote(value), "$" in value or "`" in value) for name, value in slurm.env.items()],
-            hpcds_cmd=_command_words(hpcds_cmd),
+            hpcds_cmd=_command_words(slurm.container.hpcds if slurm.container and slurm.container.hpcds else hpcds_cmd),
             max_requeues=slurm.max_requeues,
             max_failure_requeues=slurm.max_failure_requeues,
             hang_limit_s=slurm.hang_limit_s,

@@ -13,20 +13,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BeforeValidator, Field, ValidationInfo, model_validator
 
-from hpcds.durations import parse_slurm_time_s
 from hpcds.errors import Problem
-from hpcds.facts import SECRET_NAME
 from hpcds.spec.model import ModelSpec
 from hpcds.spec.presets import PRESETS
+from hpcds.spec.slurm import SlurmSpec
 from hpcds.spec.types import (
-    Constraint,
-    EnvName,
     Name,
     SafeStr,
-    SbatchFlag,
-    SlurmMem,
-    SlurmTime,
-    SlurmWord,
     Strict,
     _problems,
 )
@@ -165,136 +158,6 @@ class CheckpointSpec(Strict):
         description="Write bandwidth of the checkpoint folder's file system in GB/s, all ranks together: the "
         "planner's save-time estimate, checked against slurm.signal_lead_s (1 is a shared file system's worst case).",
     )
-
-
-# Flags the batch script writes itself, with where to say what they say instead: given again in extra_sbatch they
-# would silently override the plan, the requeue path or where `hpcds logs` looks.
-_ONE_TASK_PER_NODE = (
-    "hpcds runs one task per node (`hpcds launch`), which starts that node's ranks, one per GPU "
-    "(slurm.ranks_per_node); one Slurm task per GPU is not supported"
-)
-OWNED_SBATCH = {
-    "nodes": "set slurm.nodes (or --nodes on the command line)",
-    "time": "set slurm.time (or --time on the command line)",
-    "job-name": "set name: the job is named after the run",
-    "output": "the output is RUN_DIR/slurm-%j.out, where `hpcds logs` reads it and requeued allocations append",
-    "error": "stderr goes with stdout to RUN_DIR/slurm-%j.out, where `hpcds logs` reads it",
-    "open-mode": "the output is appended to (a requeued job must not truncate it)",
-    "requeue": "the job is always requeueable; hpcds requeues it after a save (slurm.max_requeues)",
-    "no-requeue": "set slurm.max_requeues: 0 to stop self-requeues; Slurm's own requeue must stay possible",
-    "signal": "set slurm.signal_lead_s (the warning signal is USR2, which the trainer handles)",
-    "ntasks-per-node": _ONE_TASK_PER_NODE,
-    "ntasks": _ONE_TASK_PER_NODE,
-    "gpus-per-task": _ONE_TASK_PER_NODE,
-    "gpus-per-node": "set slurm.gpus_per_node (or --gpus-per-node on the command line)",
-    "gpus": "set slurm.gpus_per_node",
-    "cpus-per-task": "set slurm.cpus_per_task",
-    "mem": "set slurm.mem",
-    "partition": "set slurm.partition (or --partition on the command line)",
-    "account": "set slurm.account",
-    "qos": "set slurm.qos",
-    "constraint": "set slurm.constraint",
-    "array": "hpcds submits one job per run",
-}
-OWNED_SRUN = {
-    "kill-on-bad-exit": "always 1: a node that fails ends the step instead of leaving the others in a collective",
-    "ntasks-per-node": _ONE_TASK_PER_NODE,
-    "ntasks": _ONE_TASK_PER_NODE,
-    "nodes": "the step spans the whole allocation (slurm.nodes)",
-    "gpus-per-task": _ONE_TASK_PER_NODE,
-    "cpus-per-task": "set slurm.cpus_per_task (srun gets it from there)",
-    "export": "the step needs the batch script's environment (the rendezvous port, slurm.env)",
-    "output": "the step's output goes to RUN_DIR/slurm-%j.out, where `hpcds logs` reads it",
-    "error": "the step's stderr goes to RUN_DIR/slurm-%j.out, where `hpcds logs` reads it",
-}
-OWNED_GRES = "set slurm.gpus_per_node, and slurm.gpu_request: gres where the site asks for --gres=gpu:N"
-
-
-class SlurmSpec(Strict):
-    nodes: int = Field(1, ge=1, description="Nodes to allocate.")
-    gpus_per_node: int = Field(1, ge=0, description="GPUs per node; 0 = CPU ranks (tests, debugging).")
-    ranks_per_node: int | None = Field(
-        None, ge=1, description="Training processes per node; default gpus_per_node (or 1 without GPUs)."
-    )
-    gpu_mem_gb: float = Field(80.0, gt=0, description="Memory of one GPU in GB; the planner sizes ZeRO for it.")
-    cpus_per_task: int | None = Field(None, ge=1, description="CPUs for the per-node launcher and its ranks.")
-    mem: SlurmMem | None = Field(None, description="Memory per node (--mem), e.g. 256G; 0 = all of it.")
-    time: SlurmTime = Field("24:00:00", description="Time limit per allocation (the run requeues past it).")
-    partition: SlurmWord | None = Field(None, description="Partition(s).")
-    account: SlurmWord | None = Field(None, description="Account to charge.")
-    qos: SlurmWord | None = Field(None, description="Quality of service.")
-    constraint: Constraint | None = Field(None, description="Node features, e.g. a100&ib.")
-    signal_lead_s: int = Field(300, ge=10, description="Seconds before the time limit to warn the job.")
-    max_requeues: int = Field(20, ge=0, description="Self-requeues allowed before the run gives up.")
-    max_failure_requeues: int = Field(
-        2, ge=0, description="Requeues per job after a failure or hang that followed new progress (then FAILED)."
-    )
-    hang_limit_s: int = Field(
-        1800, ge=0, description="End the step when no heartbeat came for this long (0 = no hang watchdog)."
-    )
-    setup: list[SafeStr] = Field(
-        default=[],
-        description="Shell lines run before launch (module load, conda activate); run verbatim, they are yours.",
-    )
-    env: dict[EnvName, SafeStr] = Field(default={}, description="Environment variables exported (values shell-quoted).")
-    extra_sbatch: list[SbatchFlag] = Field(
-        default=[], description="More #SBATCH flags, e.g. --exclusive or --reservation=x."
-    )
-    srun_args: list[SbatchFlag] = Field(
-        default=[], description="More options for the job step's srun, e.g. --cpu-bind=cores, --wait=60, --label."
-    )
-    gpu_request: Literal["gpus_per_node", "gres"] = Field(
-        "gpus_per_node", description="How GPUs are asked for: --gpus-per-node=N, or --gres=gpu:N where a site needs it."
-    )
-
-    @property
-    def ranks(self) -> int:
-        return self.ranks_per_node or self.gpus_per_node or 1
-
-    @property
-    def time_limit_s(self) -> int:
-        return parse_slurm_time_s(self.time)  # never None: the SlurmTime pattern admits durations only
-
-    @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> SlurmSpec:
-        if self.gpus_per_node and self.ranks_per_node and self.ranks_per_node > self.gpus_per_node:
-            _problems(info).append(
-                Problem(
-                    "slurm.ranks_per_node",
-                    f"{self.ranks_per_node} ranks per node share {self.gpus_per_node} GPU(s): each rank takes the "
-                    "GPU of its local rank number, and the ones beyond the last GPU would fail at start",
-                    f"at most {self.gpus_per_node} (or leave it unset: one rank per GPU)",
-                )
-            )
-        for name in self.env:
-            if SECRET_NAME.search(name):
-                _problems(info).append(
-                    Problem(
-                        f"slurm.env.{name}",
-                        "looks like a secret; env values are written into the run's spec.yaml and job.sbatch",
-                        "export it in the shell you submit from (sbatch passes your environment on), or use "
-                        "~/.netrc for W&B",
-                    )
-                )
-        for field, flags, owned in (
-            ("extra_sbatch", self.extra_sbatch, OWNED_SBATCH),
-            ("srun_args", self.srun_args, OWNED_SRUN),
-        ):
-            for i, flag in enumerate(flags):
-                name = flag.split("=", 1)[0][2:]
-                if name in owned or (name == "gres" and field == "extra_sbatch" and "gpu" in flag):
-                    _problems(info).append(
-                        Problem(f"slurm.{field}[{i}]", f"{flag} is set by hpcds itself", owned.get(name, OWNED_GRES))
-                    )
-        if self.signal_lead_s >= self.time_limit_s:
-            _problems(info).append(
-                Problem(
-                    "slurm.signal_lead_s",
-                    f"{self.signal_lead_s} s is not shorter than the time limit {self.time}",
-                    "lower it, or raise slurm.time",
-                )
-            )
-        return self
 
 
 class WandbSpec(Strict):
