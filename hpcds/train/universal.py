@@ -108,14 +108,6 @@ def worker_counts(
     return max(1, extract), max(1, merge)
 
 
-def run_dir_of(ckpt_dir: Path) -> Path | None:
-    """The run directory that holds the default checkpoint folder (`<run dir>/checkpoints`), else None."""
-    from hpcds.facts import SPEC_FILE
-
-    parent = Path(ckpt_dir).absolute().parent
-    return parent if (parent / SPEC_FILE).is_file() else None
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # I/O: the conversion, in the child process
 
@@ -425,6 +417,14 @@ def load_universal(engine, dest: Path) -> None:
         engine.load_checkpoint(str(dest.parent), tag=dest.name)
     finally:
         config.load_universal_checkpoint = saved
+
+
+def run_dir_of(ckpt_dir: Path) -> Path | None:
+    """The run directory that holds the default checkpoint folder (`<run dir>/checkpoints`), else None."""
+    from hpcds.facts import SPEC_FILE
+
+    parent = Path(ckpt_dir).absolute().parent
+    return parent if (parent / SPEC_FILE).is_file() else None
 
 
 def load_for_resume(
