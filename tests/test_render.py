@@ -351,8 +351,9 @@ OWNED = {
         *("--output=logs/%x-%j.out", "--error=logs/%x-%j.err", "--no-requeue", "--signal=B:USR1@90", "--nodes=4"),
         *("--time=20:00:00", "--job-name=tr11-176B", "--ntasks-per-node=8", "--open-mode=truncate"),
         *("--gpus-per-node=8", "--gres=gpu:8", "--cpus-per-task=64", "--partition=gpu_p5", "--array=0-3"),
+        *("--out=x.log", "--tasks-per-node=8"),  # an abbreviation sbatch takes for --output; --ntasks-per-node's alias
     ],
-    "srun_args": ["--kill-on-bad-exit=0", "--ntasks-per-node=8", "--export=NONE", "--nodes=2"],
+    "srun_args": ["--kill-on-bad-exit=0", "--ntasks-per-node=8", "--export=NONE", "--nodes=2", "--nodelist=n1"],
 }
 SITE_FLAGS = {
     "extra_sbatch": [

@@ -52,7 +52,7 @@ MAPPING: dict[tuple[str, str], tuple[str, str]] = {
     ("sbatch", "requeue"): (OWNED, "max_requeues"),
     ("sbatch", "ntasks-per-node"): (OWNED, _ONE_TASK),
     ("sbatch", "gpus-per-task"): (OWNED, _ONE_TASK),
-    ("sbatch", "tasks-per-node"): (OWNED, _ONE_TASK),  # sbatch's other name for --ntasks-per-node: KNOWN_GAPS
+    ("sbatch", "tasks-per-node"): (OWNED, _ONE_TASK),  # sbatch's other name for --ntasks-per-node
     ("sbatch", "exclusive"): (EXTRA, "whole nodes"),
     ("sbatch", "reservation"): (EXTRA, "a reservation's nodes"),
     ("sbatch", "hint"): (EXTRA, "nomultithread: physical cores"),
@@ -67,31 +67,19 @@ MAPPING: dict[tuple[str, str], tuple[str, str]] = {
     ("srun", "cpus-per-task"): (OWNED, "slurm.cpus_per_task"),
     ("srun", "nodes"): (OWNED, "whole allocation"),
     ("srun", "ntasks"): (OWNED, _ONE_TASK),
-    ("srun", "nodelist"): (OWNED, "whole allocation"),  # a step on some nodes only: KNOWN_GAPS
+    ("srun", "nodelist"): (OWNED, "whole allocation"),  # a step on some nodes only
     ("srun", "jobid"): (
         NOT_EXPRESSIBLE,
         "not needed: the batch script's srun already runs in its own job; srun_args are written shell-quoted, so "
         "--jobid=$SLURM_JOB_ID would reach srun unexpanded",
     ),
-    ("srun", "container-image"): (
-        NOT_EXPRESSIBLE,
-        "not yet: pyxis containers belong to the slurm.container section that is being added; in srun_args the "
-        "image would also run `hpcds launch` by its path outside the image, without binding the run directory",
-    ),
-    ("srun", "container-mounts"): (
-        NOT_EXPRESSIBLE,
-        "not yet: with --container-image, in the slurm.container section that is being added",
-    ),
+    ("srun", "container-image"): (OWNED, "slurm.container"),  # pyxis: the container section binds the run's folders
+    ("srun", "container-mounts"): (OWNED, "slurm.container"),
 }
 INT_FIELDS = {"slurm.nodes", "slurm.cpus_per_task", "slurm.gpus_per_node"}
 
 # Flags hpcds should refuse and accepts today: each is written after hpcds's own flag, and sbatch/srun take the last.
-KNOWN_GAPS = {
-    ("sbatch", "tasks-per-node"): "sbatch's alias of --ntasks-per-node passes slurm.extra_sbatch and overrides "
-    "--ntasks-per-node=1: N `hpcds launch` per node",
-    ("srun", "nodelist"): "srun --nodelist in slurm.srun_args runs `hpcds launch` on part of the allocation, while "
-    "the hostfile lists every node: the rendezvous waits for nodes that never start",
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 # Values written as placeholders for the reader to fill in, which the spec rightly refuses.
 PLACEHOLDERS = {("cotainr_lumi_multigpu_torchrun", "account"): "project_<your_project_id>"}
@@ -319,7 +307,6 @@ def test_corpus_flag_lands_where_the_mapping_says(script, step, flag):
         assert flag in words and words.index(flag) < words.index("launch"), srun
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="hpcds accepts both; sbatch then refuses the job")
 def test_memory_per_cpu_beside_slurm_mem_is_refused():
     # nanotron_train_2 asks for memory per CPU; a spec that also sets slurm.mem renders `--mem` and `--mem-per-cpu`,
     # which sbatch refuses as mutually exclusive: at submit time, not when the spec is checked.

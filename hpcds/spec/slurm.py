@@ -53,13 +53,23 @@ OWNED_SBATCH = {
     "qos": "set slurm.qos",
     "constraint": "set slurm.constraint",
     "array": "hpcds submits one job per run",
+    "tasks-per-node": _ONE_TASK_PER_NODE,
 }
 OWNED_SRUN = {
     "kill-on-bad-exit": "always 1: a node that fails ends the step instead of leaving the others in a collective",
     "ntasks-per-node": _ONE_TASK_PER_NODE,
     "ntasks": _ONE_TASK_PER_NODE,
     "nodes": "the step spans the whole allocation (slurm.nodes)",
+    # A step on part of the allocation: the hostfile lists every node, and the rendezvous would wait for the rest.
+    "nodelist": "the step spans the whole allocation (exclude nodes from the job: slurm.extra_sbatch --exclude=...)",
+    "exclude": "the step spans the whole allocation (exclude nodes from the job: slurm.extra_sbatch --exclude=...)",
+    "relative": "the step spans the whole allocation",
+    "tasks-per-node": _ONE_TASK_PER_NODE,
     "gpus-per-task": _ONE_TASK_PER_NODE,
+    **dict.fromkeys(
+        ("container-image", "container-mounts", "container-workdir"),
+        "set slurm.container (kind: pyxis), which also binds the run directory and the spec's folders",
+    ),
     "cpus-per-task": "set slurm.cpus_per_task (srun gets it from there)",
     "export": "the step needs the batch script's environment (the rendezvous port, slurm.env)",
     "output": "the step's output goes to RUN_DIR/slurm-%j.out, where `hpcds logs` reads it",
@@ -220,9 +230,22 @@ class SlurmSpec(Strict):
         ):
             for i, flag in enumerate(flags):
                 name = flag.split("=", 1)[0][2:]
-                if name in owned or (name == "gres" and field == "extra_sbatch" and "gpu" in flag):
+                # sbatch and srun take any unambiguous abbreviation of a long option (getopt_long): --out is --output.
+                meant = name if name in owned else next((o for o in owned if o.startswith(name)), None)
+                if meant or (name == "gres" and field == "extra_sbatch" and "gpu" in flag):
+                    what = (
+                        f"{flag} is set by hpcds itself"
+                        if meant in (name, None)
+                        else f"{flag} is --{meant}, which hpcds sets itself"
+                    )
+                    _problems(info).append(Problem(f"slurm.{field}[{i}]", what, owned.get(meant, OWNED_GRES)))
+                if name in ("mem-per-cpu", "mem-per-gpu") and self.mem is not None:
                     _problems(info).append(
-                        Problem(f"slurm.{field}[{i}]", f"{flag} is set by hpcds itself", owned.get(name, OWNED_GRES))
+                        Problem(
+                            f"slurm.{field}[{i}]",
+                            f"{flag} beside slurm.mem ({self.mem}): sbatch refuses the two together",
+                            "keep one of them",
+                        )
                     )
         if self.signal_lead_s >= self.time_limit_s:
             _problems(info).append(
