@@ -161,7 +161,7 @@ def _convert(src: Path, dest: Path, fault: str = "") -> subprocess.Popen:
     """The converter rank 0 starts, on one CPU: one worker of each kind, DeepSpeed's in-process path (the pools'
     start-up would double these tests' time; the other test runs them)."""
     env = {**os.environ, "HPCDS_TEST_FAULT": fault}
-    argv = [sys.executable, "-m", "hpcds.train.universal", str(src), str(dest)]
+    argv = [sys.executable, "-m", "hpcds.train.universal_convert", str(src), str(dest)]
     return subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_one_cpu
     )

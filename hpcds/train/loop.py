@@ -286,6 +286,7 @@ class Trainer:
                 zero_stage=s.spec.deepspeed.zero_stage,
                 rank=s.rank,
                 world_size=s.world,
+                run_dir=s.run_dir,
             )
             if converted and s.rank == 0:
                 runs.append_event(s.run_dir, "checkpoint_converted", **converted)
