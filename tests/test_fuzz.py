@@ -464,6 +464,18 @@ def test_generic_template_prepares_once_per_job_and_runs_the_run_script(sandbox,
 
     other, _ = submit(0, SLURM_JOB_ID="778")
     assert other != run_dir and other.parent == run_dir.parent
+
+    # A spec with a container and srun options, in an allocation that asked for --gres=gpu:2: the template carries
+    # them onto the srun line as the renderer writes them for `hpcds submit`.
+    spec = tmp_path / "contained.yaml"
+    contained = "{kind: wrapper, wrapper: [podman-hpc, run, img]}"
+    spec.write_text(f"name: contained\npreset: quickstart\nslurm: {{container: {contained}, srun_args: [--label]}}\n")
+    argv[-1] = str(spec)
+    gres_run, records = submit(0, SLURM_JOB_ID="779", SLURM_GPUS_ON_NODE="2")
+    assert yaml.safe_load((gres_run / "spec.yaml").read_text())["slurm"]["gpus_per_node"] == 2
+    words = ["--label", "bash", "-c", 'trap "" USR2 TERM INT; exec "$@"', "hpcds-container", "podman-hpc", "run", "img"]
+    assert records[0] == ["scontrol", "show", "hostnames", NODELIST]  # asked outside, for `hpcds launch` inside
+    assert records[1][3:-3] == words and records[1][-2:] == ["launch", str(gres_run)], records
     assert not sandbox["sentinel"].exists()
 
 
