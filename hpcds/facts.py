@@ -39,6 +39,8 @@ MASTER_PORT_LOW = 20000
 # With a container, `hpcds launch` runs where scontrol may be missing: the batch script passes the allocation's host
 # names, and the version of the hpcds that rendered it (a different one inside the image is reported).
 NODES_ENV = "HPCDS_NODES"
+# With slurm.master_addr: ip, the first node's address as the batch script (which runs there) finds it.
+MASTER_ADDR_ENV = "HPCDS_MASTER_ADDR"
 OUTSIDE_VERSION_ENV = "HPCDS_OUTSIDE_VERSION"
 
 # Environment names whose values are secrets: refused in a spec's `slurm.env` (they would be written into spec.yaml
@@ -60,5 +62,6 @@ def template_facts() -> dict[str, object]:
         "master_port_env": MASTER_PORT_ENV,
         "port_low": MASTER_PORT_LOW,
         "nodes_env": NODES_ENV,
+        "master_addr_env": MASTER_ADDR_ENV,
         "outside_version_env": OUTSIDE_VERSION_ENV,
     }

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from hpcds import __version__, runs
 from hpcds.errors import CommandError, HpcdsError
-from hpcds.facts import MASTER_PORT_ENV, NODES_ENV, OUTSIDE_VERSION_ENV, SPEC_FILE, STOP_SIGNUMS
+from hpcds.facts import MASTER_ADDR_ENV, MASTER_PORT_ENV, NODES_ENV, OUTSIDE_VERSION_ENV, SPEC_FILE, STOP_SIGNUMS
 from hpcds.render.hostfile import parse_hostfile, render_hostfile
 
 TRAIN_MODULE = "hpcds.train"
@@ -179,7 +179,7 @@ def launch_node(run_dir: Path, env: Mapping[str, str] | None = None) -> None:
     check_hostfile(hostfile, hosts, spec.ranks)
     argv = deepspeed_argv(
         run_dir,
-        master_addr=hosts[0],
+        master_addr=env.get(MASTER_ADDR_ENV) or hosts[0],
         master_port=rendezvous_port(env),
         hostfile=hostfile,
         node_rank=node_rank,

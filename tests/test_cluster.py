@@ -7,6 +7,7 @@ cancelled at the end of the module, finished or not.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -105,7 +106,9 @@ def test_two_node_run_goes_pending_running_completed(runs_root, submitted, tmp_p
         ]
     )
     submitted.append(slurm.parse_sbatch_parsable(blocker))
-    result = submit(runs_root, submitted, "--nodes", "2", "--set", "slurm.ranks_per_node=1")
+    # By address: the rendezvous must work where node names do not resolve between nodes.
+    by_address = ["--set", "slurm.master_addr=ip"]
+    result = submit(runs_root, submitted, "--nodes", "2", "--set", "slurm.ranks_per_node=1", *by_address)
     name, job_id = result["name"], result["job_id"]
     seen: list[str] = []
     pending = wait_for(runs_root, name, {"PENDING"}, timeout_s=30, seen=seen)
@@ -127,6 +130,11 @@ def test_two_node_run_goes_pending_running_completed(runs_root, submitted, tmp_p
     assert dict(parse_hostfile(hostfile.splitlines())) == {"n1": 1, "n2": 1}
     launches = {(e["host"], e["node_rank"]) for e in runs.read_events(run_dir) if e["event"] == "launch"}
     assert launches == {("n1", 0), ("n2", 1)}
+    (started,) = [e for e in runs.read_events(run_dir) if e["event"] == "started"]
+    address = ipaddress.ip_address(started["master_addr"])  # n1's, found by the batch script running there
+    for launch in (e for e in runs.read_events(run_dir) if e["event"] == "launch"):
+        argv = launch["argv"]
+        assert argv[argv.index("--master_addr") + 1] == str(address) != "127.0.0.1"
 
     listed = json.loads(hpcds(runs_root, "status", name, "--json").stdout)
     assert len(listed) == 1 and set(listed[0]) >= JSON_KEYS

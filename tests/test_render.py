@@ -409,6 +409,21 @@ def test_container_binds_the_runs_folders_at_their_own_paths():
     ]
 
 
+def test_master_addr_ip_takes_gloos_interface_when_the_spec_names_one():
+    def lines(*sets):
+        script = render_sbatch(load_spec(None, list(sets), preset="quickstart"), "/r/x")
+        return [line for line in script.splitlines() if line.startswith("HPCDS_MASTER_ADDR=")]
+
+    assert lines() == []  # by host name: DeepSpeed gets the first node's name from the node list
+    assert lines("slurm.master_addr=ip") == ["HPCDS_MASTER_ADDR=$(hostname -I | awk '{ print $1 }')"]
+    named = lines("slurm.master_addr=ip", "slurm.env={GLOO_SOCKET_IFNAME: ib0}")
+    assert named == ['HPCDS_MASTER_ADDR=$(ip -4 -o addr show dev ib0 | awk \'{ sub("/.*", "", $4); print $4; exit }\')']
+    # gloo's exclusion syntax names no single interface: back to the first address.
+    assert lines("slurm.master_addr=ip", "slurm.env={GLOO_SOCKET_IFNAME: '^docker0,lo'}") == lines(
+        "slurm.master_addr=ip"
+    )
+
+
 def test_site_flags_reach_sbatch_and_srun_and_gres_asks_for_the_gpus():
     sets = [f"slurm.{field}={json.dumps(flags)}" for field, flags in SITE_FLAGS.items()]
     spec = load_spec(None, [*sets, "slurm.gpu_request=gres"], {"gpus_per_node": 4}, preset="quickstart")

@@ -204,6 +204,16 @@ def _step_prefix(spec: JobSpec, run_dir: str) -> list[str]:
     return ["bash", "-c", keep_alive, "hpcds-container", *runner]
 
 
+def _master_interface(slurm) -> str | None:
+    """With `master_addr: ip`, the interface whose address the first node publishes: GLOO_SOCKET_IFNAME when it names
+    one interface (gloo's own choice), else "" (the first address of `hostname -I`). None with `master_addr: hostname`.
+    """
+    if slurm.master_addr != "ip":
+        return None
+    named = slurm.env.get("GLOO_SOCKET_IFNAME", "")
+    return named if re.fullmatch(r"[A-Za-z0-9_.:-]+", named) else ""
+
+
 def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = "hpcds") -> str:
     """The batch script of the run whose directory is `run_dir` (absolute; the output file goes there too).
 
@@ -243,6 +253,7 @@ def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = 
             srun_cpus=f" --cpus-per-task={slurm.cpus_per_task}" if slurm.cpus_per_task is not None else "",
             srun_args="".join(f" {shlex.quote(arg)}" for arg in [*slurm.srun_args, *_step_prefix(spec, run_dir)]),
             container=slurm.container is not None,
+            master_interface=_master_interface(slurm),
             gpu_request=slurm.gpu_request,
             signal_lead_s=slurm.signal_lead_s,
             output_path=f"{run_dir.rstrip('/') or '/'}/slurm-%j.out",

@@ -191,6 +191,12 @@ class SlurmSpec(Strict):
         description="Run `hpcds launch` and the ranks in a container (docs/containers.md); the batch script stays "
         "outside.",
     )
+    master_addr: Literal["hostname", "ip"] = Field(
+        "hostname",
+        description="How the other nodes reach the first for the rendezvous: its host name, or its IP address (where "
+        "node names do not resolve between nodes; the address of GLOO_SOCKET_IFNAME from slurm.env, else the first "
+        "of `hostname -I`).",
+    )
     gpu_request: Literal["gpus_per_node", "gres"] = Field(
         "gpus_per_node", description="How GPUs are asked for: --gpus-per-node=N, or --gres=gpu:N where a site needs it."
     )
