@@ -29,11 +29,15 @@ from pydantic import BaseModel
 
 from hpcds.errors import SpecError
 from hpcds.render import render_ds_config, render_sbatch
+from hpcds.render.sbatch import _step_prefix
 from hpcds.spec import JobSpec, build_tree, validate_spec
 
 SEED = 20261123
 VALUES_PER_FIELD = 1000
 MIN_EXECUTIONS = 200
+# Values are drawn evenly over the payloads, so a field's first accepted values already carry every kind of payload;
+# running more of the same field's scripts costs time and finds nothing new.
+MAX_EXECUTIONS_PER_FIELD = 120
 YAML_CHECKS = 25
 JOB_ID = "4242"
 NODELIST = "n[1-2]"
@@ -180,8 +184,19 @@ def dotted(path: tuple) -> str:
     return text
 
 
+# A container needs its kind (and what the kind needs) before any other of its fields can be judged.
+CONTAINER_BASE = {
+    "kind": {},
+    "wrapper": {"kind": "wrapper"},
+    "hpcds": {"kind": "wrapper", "wrapper": ["podman-hpc", "run", "img"]},
+    "image": {"kind": "pyxis"},
+}
+
+
 def tree_with(path: tuple, how: str, value: str) -> dict:
     tree = copy.deepcopy(BASE)
+    if path[:2] == ("slurm", "container"):
+        tree["slurm"]["container"] = copy.deepcopy(CONTAINER_BASE.get(path[2], {"kind": "pyxis", "image": "img"}))
     leaf: Any = {"list": [value], "key": {value: "1"}, "map": {"HPCDS_FUZZ": value}}.get(how, value)
     node: Any = tree
     for key, nxt in itertools.pairwise(path):
@@ -269,15 +284,29 @@ def execute(
     return result.returncode, records, events, fuzz_seen
 
 
+def step_words(spec, run_dir: str) -> list[str]:
+    """The words srun must get between its own options and `launch RUN_DIR`, as the renderer meant them: the spec's
+    srun options, the container's words and the hpcds it runs, each one word, nothing expanded."""
+    container = spec.slurm.container
+    inside = list(container.hpcds) if container and container.hpcds else ["hpcds"]
+    return [*spec.slurm.srun_args, *_step_prefix(spec, run_dir), *inside]
+
+
 def check_inert_run(
-    script: str, sandbox: dict[str, Path], fake_rc: int, env_value: str | None = None, srun_args: list[str] = ()
+    script: str,
+    sandbox: dict[str, Path],
+    fake_rc: int,
+    env_value: str | None = None,
+    words: list[str] = ("hpcds",),
+    contained: bool = False,
 ) -> None:
     rc, records, events, fuzz_seen = execute(script, sandbox, fake_rc)
     run_dir = str(sandbox["run"])
     assert not sandbox["sentinel"].exists(), "an injected command ran (sentinel file created)"
     assert rc == fake_rc
-    # srun options from the spec reach srun as they were written: one word each, nothing expanded.
-    expected = [["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *srun_args, "hpcds", "launch", run_dir]]
+    # With a container, the host names are asked for outside, for `hpcds launch` inside.
+    expected = [["scontrol", "show", "hostnames", NODELIST]] if contained else []
+    expected.append(["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *words, "launch", run_dir])
     if fake_rc == 75:
         expected.append(["scontrol", "requeue", JOB_ID])
     assert records == expected
@@ -306,11 +335,11 @@ def test_hostile_values_in_every_string_field_are_refused_or_inert(sandbox):
     run_dir = str(sandbox["run"])
     base_script = render_sbatch(validate_spec(build_tree(copy.deepcopy(BASE))), run_dir)
     tally = {"refused": 0, "accepted": 0, "executed": 0, "reached_script": 0}
-    to_execute: list[tuple[str, str | None, list[str]]] = []
-    sampled: list[tuple[str, str | None, list[str]]] = []
+    to_execute: list[tuple[str, str | None, list[str], bool]] = []
+    sampled: list[tuple[str, str | None, list[str], bool]] = []
     for path, how in FIELDS:
         field = dotted(path)
-        accepted_here = 0
+        accepted_here = executed_here = 0
         for value in values:
             tree = tree_with(path, how, value)
             try:
@@ -335,15 +364,18 @@ def test_hostile_values_in_every_string_field_are_refused_or_inert(sandbox):
                 assert f"\n{value}\n" in script
                 continue
             env_value = value if (path, how) == (("slurm", "env"), "map") else None
+            run = (script, env_value, step_words(spec, run_dir), spec.slurm.container is not None)
             if script != base_script:
                 tally["reached_script"] += 1
-                to_execute.append((script, env_value, list(spec.slurm.srun_args)))
+                if executed_here < MAX_EXECUTIONS_PER_FIELD:
+                    executed_here += 1
+                    to_execute.append(run)
             elif len(sampled) < MIN_EXECUTIONS:
-                sampled.append((script, env_value, list(spec.slurm.srun_args)))
+                sampled.append(run)
     # Execute every script a value changed, plus unchanged ones up to MIN_EXECUTIONS in all.
     to_execute += sampled[: max(0, MIN_EXECUTIONS - len(to_execute))]
-    for i, (script, env_value, srun_args) in enumerate(to_execute):
-        check_inert_run(script, sandbox, fake_rc=75 if i % 2 else 0, env_value=env_value, srun_args=srun_args)
+    for i, (script, env_value, words, contained) in enumerate(to_execute):
+        check_inert_run(script, sandbox, 75 if i % 2 else 0, env_value=env_value, words=words, contained=contained)
         tally["executed"] += 1
     print(f"\nfuzz: {len(values)} values x {len(FIELDS)} fields: {tally}")
     assert tally["executed"] >= MIN_EXECUTIONS
