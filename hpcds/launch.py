@@ -1,9 +1,10 @@
 """Start DeepSpeed for a run: per node inside a Slurm job (`hpcds launch RUN_DIR`), or on this machine (`hpcds run`).
 
 Inside a job, `srun --ntasks-per-node=1 hpcds launch RUN_DIR` runs this once per node. Each copy asks Slurm for the
-allocation's hosts, computes its own node rank in this process (a `$SLURM_NODEID` expanded by the batch shell would be
-0 on every node), writes the DeepSpeed hostfile `RUN_DIR/hostfile-<jobid>` (every node writes the same text,
-atomically), checks it, logs a `launch` event and replaces itself with `deepspeed --hostfile H --no_ssh --node_rank R`,
+allocation's hosts (or, in a container, takes them from the batch script outside), computes its own node rank in this
+process (a `$SLURM_NODEID` expanded by the batch shell would be 0 on every node), writes the DeepSpeed hostfile
+`RUN_DIR/hostfile-<jobid>` (every node writes the same text, atomically), checks it, logs a `launch` event and
+replaces itself with `deepspeed --hostfile H --no_ssh --node_rank R` on the rendezvous port the batch script picked,
 so the node's exit code is DeepSpeed's. The stop signals (USR2, TERM, INT) are blocked first: the mask survives fork
 and exec, so DeepSpeed's launchers, which die on USR2 and on TERM kill the ranks 30 s later, never react to the
 signals Slurm sends to every process of the step; the trainer ranks unblock them once their flag handler is
@@ -170,7 +171,7 @@ def launch_node(run_dir: Path, env: Mapping[str, str] | None = None) -> None:
         hosts = slurm.show_hostnames(nodelist)
     expected_nodes = env.get("SLURM_JOB_NUM_NODES")
     if not hosts or (expected_nodes and int(expected_nodes) != len(hosts)):
-        raise HpcdsError(f"scontrol gave hosts {hosts} for {nodelist}, but SLURM_JOB_NUM_NODES={expected_nodes}")
+        raise HpcdsError(f"the hosts of {nodelist} are {hosts}, but SLURM_JOB_NUM_NODES={expected_nodes}")
     node_rank = node_rank_of(hosts, env)
     spec = _slurm_spec(run_dir)
     gpu = spec.gpus_per_node > 0
