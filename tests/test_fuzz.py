@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from hpcds.errors import SpecError
 from hpcds.render import render_ds_config, render_sbatch
-from hpcds.render.sbatch import _step_prefix
+from hpcds.render.sbatch import container_words
 from hpcds.spec import JobSpec, build_tree, validate_spec
 
 SEED = 20261123
@@ -289,7 +289,7 @@ def step_words(spec, run_dir: str) -> list[str]:
     srun options, the container's words and the hpcds it runs, each one word, nothing expanded."""
     container = spec.slurm.container
     inside = list(container.hpcds) if container and container.hpcds else ["hpcds"]
-    return [*spec.slurm.srun_args, *_step_prefix(spec, run_dir), *inside]
+    return [*spec.slurm.srun_args, *container_words(spec, run_dir), *inside]
 
 
 def check_inert_run(
