@@ -30,6 +30,8 @@ from hpcds.facts import MASTER_ADDR_ENV, MASTER_PORT_ENV, NODES_ENV, OUTSIDE_VER
 from hpcds.render.hostfile import parse_hostfile, render_hostfile
 
 TRAIN_MODULE = "hpcds.train"
+# `hpcds run` looks for a Ctrl-C this often while it waits for the ranks.
+WAIT_POLL_S = 0.2
 MASTER_PORT_BASE = 29500
 
 
@@ -239,31 +241,36 @@ def launch_local(run_dir: Path, ranks: int, devices: Sequence[int] = ()) -> int:
         deepspeed=_deepspeed_executable(),
     )
     runs.append_event(run_dir, "launch", job_id=None, restart=0, host=socket.gethostname(), node_rank=0, argv=argv)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNUMS))
+    # Ctrl-C and TERM (a `kill`, or a batch system outside Slurm, to the whole process group) are only counted where
+    # they arrive, and acted on by the loop below: handled as exceptions, a second one arriving while the first was
+    # being handled escaped the loop and left the ranks running.
+    asked = [0]
+
+    def count(signum, frame) -> None:
+        asked[0] += 1
+
+    previous = {signum: signal.signal(signum, count) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        process = subprocess.Popen(argv, env=_train_env(os.environ, gpu, local=True))
-    except OSError as exc:
-        raise CommandError(argv, None, str(exc)) from None
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    # A TERM to the whole process group (a `kill` or a batch system outside Slurm) counts as a Ctrl-C here too: this
-    # process waits for the ranks' save instead of dying first.
-    previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    interrupts = 0
-    try:
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNUMS))
+        try:
+            process = subprocess.Popen(argv, env=_train_env(os.environ, gpu, local=True))
+        except OSError as exc:
+            raise CommandError(argv, None, str(exc)) from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        acted = 0
         while True:
-            try:
-                return process.wait()
-            except KeyboardInterrupt:
-                interrupts += 1
-                if interrupts >= 2:
-                    _signal_tree(process.pid, signal.SIGKILL)  # TERM is blocked there: the launcher, every rank
-                else:
-                    # The ranks got it too when it went to the whole process group (Ctrl-C); a `kill` of this
-                    # process alone reaches them only this way. The launchers keep TERM blocked.
-                    _signal_tree(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return process.wait(timeout=WAIT_POLL_S)
+            if asked[0] > acted:
+                acted = asked[0]
+                # The first: the ranks got it too when it went to the whole process group (Ctrl-C); a `kill` of this
+                # process alone reaches them only through this TERM (the launchers keep it blocked). The second:
+                # the launcher and every rank, at once.
+                _signal_tree(process.pid, signal.SIGKILL if acted >= 2 else signal.SIGTERM)
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _signal_tree(pid: int, signum: int) -> None:
