@@ -68,6 +68,12 @@ def deepspeed_argv(
     return [*argv, "--module", TRAIN_MODULE, "--run-dir", str(run_dir)]
 
 
+def device_ids(text: str) -> list[int] | None:
+    """GPU indices from "0,1" (as --gpus and CUDA_VISIBLE_DEVICES write them); None when it is not such a list."""
+    words = [word.strip() for word in text.split(",")]
+    return [int(word) for word in words] if all(word.isdigit() for word in words) else None
+
+
 def local_devices(ranks: int, requested: Sequence[int] | None, env: Mapping[str, str]) -> list[int]:
     """The GPU indices `hpcds run` trains on, one rank each: `--gpus`, else CUDA_VISIBLE_DEVICES (its first `ranks`),
     else 0..ranks-1."""
@@ -75,13 +81,13 @@ def local_devices(ranks: int, requested: Sequence[int] | None, env: Mapping[str,
     if requested:
         ids, source = list(requested), "--gpus"
     elif visible:
-        words = [word.strip() for word in visible.split(",")]
-        if not all(word.isdigit() for word in words):
+        ids = device_ids(visible)
+        if ids is None:
             raise HpcdsError(
                 f"CUDA_VISIBLE_DEVICES={visible} is not a list of GPU indices, and DeepSpeed's launcher selects GPUs "
                 "by index. hint: unset it and choose with hpcds run --gpus 0,1"
             )
-        ids, source = [int(word) for word in words][:ranks], f"CUDA_VISIBLE_DEVICES={visible}"
+        ids, source = ids[:ranks], f"CUDA_VISIBLE_DEVICES={visible}"
     else:
         ids, source = list(range(ranks)), "the spec's ranks"
     if len(set(ids)) != len(ids):

@@ -46,12 +46,14 @@ def local_spec(spec, ranks: int | None, gpus: list[int] | None = None):
 
 
 def parse_gpus(ctx, param, value: str | None) -> list[int] | None:
+    from hpcds.launch import device_ids
+
     if value is None:
         return None
-    words = [word.strip() for word in value.split(",")]
-    if not all(word.isdigit() for word in words):
+    ids = device_ids(value)
+    if ids is None:
         raise click.BadParameter(f"{value!r} is not a list of GPU indices such as 0,1")
-    return [int(word) for word in words]
+    return ids
 
 
 def is_finished(run_dir: Path) -> bool:

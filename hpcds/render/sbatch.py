@@ -251,7 +251,7 @@ def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = 
             # Slurm 22.05-23.02 srun ignores SLURM_CPUS_PER_TASK: without this the launcher, every rank and DeepSpeed's
             # CPU Adam share one core under a binding TaskPlugin (task/affinity, task/cgroup).
             srun_cpus=f" --cpus-per-task={slurm.cpus_per_task}" if slurm.cpus_per_task is not None else "",
-            srun_args="".join(f" {shlex.quote(arg)}" for arg in [*slurm.srun_args, *container_words(spec, run_dir)]),
+            step_words="".join(f" {shlex.quote(arg)}" for arg in [*slurm.srun_args, *container_words(spec, run_dir)]),
             container=slurm.container is not None,
             master_interface=_master_interface(slurm),
             gpu_request=slurm.gpu_request,

@@ -206,11 +206,6 @@ def current_heartbeats(
     }
 
 
-def _restarts(jobs: Mapping[str, JobState] | None, job_id: str) -> int:
-    job = (jobs or {}).get(job_id)
-    return job.restarts if job is not None else 0
-
-
 def _restarts_from_events(job_id: str, events: list[dict[str, Any]]) -> int:
     """SLURM_RESTART_COUNT as the batch script logged it at each start (absent before the first requeue)."""
     starts = [e for e in events if e["event"] == "started" and str(e.get("job_id")) == job_id]
@@ -232,10 +227,6 @@ def run_status(
     row = StatusRow(name=name, wandb_id=meta.get("wandb_id"))
     job_id = latest_job_id(meta, events)
     row.job_id = job_id
-    if job_id:
-        heartbeats = current_heartbeats(
-            heartbeats, job_id, max(_restarts_from_events(job_id, events), _restarts(jobs, job_id))
-        )
     newest_beat = max((_as_float(b.get("time")) or 0.0 for b in heartbeats.values()), default=0.0)
     progress_time = _as_float((progress or {}).get("time")) or 0.0
     fresh_age_s = now - max(newest_beat, progress_time) if max(newest_beat, progress_time) > 0 else None
@@ -290,6 +281,8 @@ def run_status(
         row.wandb_id = progress.get("wandb_id") or row.wandb_id
         row.wandb_url = progress.get("wandb_url")
         row.wandb_dir = progress.get("wandb_dir")
+    if job_id:  # squeue may know of a restart before the batch script has logged it, or the other way round
+        heartbeats = current_heartbeats(heartbeats, job_id, max(row.restarts, _restarts_from_events(job_id, events)))
     if heartbeats:
         row.heartbeat_age_s = round(now - min(_as_float(b.get("time")) or 0.0 for b in heartbeats.values()), 1)
         if row.state == "RUNNING":
