@@ -27,6 +27,10 @@ import pytest
 from hpcds import facts, runs
 from hpcds.train import checkpoint as ck
 
+# The comparison the GPU check's resume part makes too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "gpu_parts"))
+from resume_compare import resume_differences
+
 pytestmark = pytest.mark.deepspeed
 
 MAX_STEPS = 8
@@ -88,38 +92,9 @@ def launch(run_dir: Path, env: dict[str, str], monkeypatch, fault: str = "") -> 
     return launch_local(run_dir, 2)
 
 
-def losses_by_step(run_dir: Path) -> dict[int, float]:
-    """Per-step losses rank 0 recorded; a step trained twice (after a kill) keeps its last record."""
-    found = {}
-    for line in (run_dir / "losses.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        found[record["step"]] = record["loss"]
-    return found
-
-
-def final_weights(run_dir: Path, stage: int) -> dict:
-    import torch
-
-    ckpt_dir = run_dir / facts.CHECKPOINT_DIR
-    tag = ck.tag_for(MAX_STEPS)
-    if stage == 0:
-        states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", weights_only=False)
-        return {k: v.float() for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-
-
 def assert_identical(reference: Path, resumed: Path, stage: int) -> None:
-    import torch
-
-    want, got = losses_by_step(reference), losses_by_step(resumed)
-    assert sorted(want) == list(range(1, MAX_STEPS + 1))
-    assert got == want, "per-step losses differ after resume"
-    ref_weights, new_weights = final_weights(reference, stage), final_weights(resumed, stage)
-    assert ref_weights.keys() == new_weights.keys()
-    for name, tensor in ref_weights.items():
-        assert torch.equal(tensor, new_weights[name]), f"{name} differs after resume"
+    differences = resume_differences(reference, resumed, MAX_STEPS, stage)
+    assert not differences, "\n".join(differences)
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:
