@@ -58,9 +58,19 @@ ACCEPTED = {
     "llamafactory_ds_z3_offload_config.json": (3, "cpu", "cpu", "fp32"),
     "transformers_ds_config_zero2.json": (2, "cpu", "none", "fp32"),
     # 16 sequences a step = the preset's micro batch 8 x 2 ranks; fp16 and the optimizer's lr come from the file.
+    # fp16 needs GPUs: these two render for 2 GPUs a node and are refused for the CPU ranks below.
     "dsexamples_megatron_ds_zero2_config.json": (2, "none", "none", "fp16"),
     "dsexamples_autotuning_ds_config_fp16_z3.json": (3, "none", "none", "fp16"),
 }
+# The optimizer DeepSpeed wraps the trainer's AdamW in, by ZeRO stage (stage 0 steps AdamW itself).
+ZERO_OPTIMIZER = {
+    0: "AdamW",
+    1: "DeepSpeedZeroOptimizer",
+    2: "DeepSpeedZeroOptimizer",
+    3: "DeepSpeedZeroOptimizer_Stage3",
+}
+FP16 = {name for name, (*_, precision) in ACCEPTED.items() if precision == "fp16"}
+ON_GPUS = {"slurm": {"gpus_per_node": 2}}
 # Top-level sections in LLaMA-Factory's files that DeepSpeed 0.19 never reads (its keys are comms_logger and
 # csv_monitor): warned about at submit, not refused, since DeepSpeed itself runs with them.
 IGNORED_BY_DEEPSPEED = {
@@ -90,7 +100,8 @@ def test_the_corpus_is_covered_and_sourced():
 @pytest.mark.parametrize("name", sorted(ACCEPTED))
 def test_public_config_renders_what_deepspeed_accepts_and_the_spec_agrees(tmp_path, name):
     raw = json.loads((CORPUS / name).read_text())
-    pinned, ds = rendered(write_spec(tmp_path, deepspeed={"config": str(CORPUS / name)}))
+    gpus = ON_GPUS if name in FP16 else {}
+    pinned, ds = rendered(write_spec(tmp_path, deepspeed={"config": str(CORPUS / name)}, **gpus))
     stage, offload_optimizer, offload_params, precision = ACCEPTED[name]
     ds_spec = pinned.deepspeed
     assert (ds_spec.zero_stage, ds_spec.offload_optimizer, ds_spec.offload_params) == (
@@ -126,6 +137,16 @@ def test_public_config_that_cannot_run_as_written_is_refused_with_the_place(tmp_
     assert set(problems_of(excinfo)) == REFUSED[name]
 
 
+@pytest.mark.parametrize("name", sorted(FP16))
+def test_public_fp16_config_is_refused_on_cpu_ranks_where_it_was_written(tmp_path, name):
+    with pytest.raises(SpecError) as excinfo:
+        rendered(write_spec(tmp_path, deepspeed={"config": str(CORPUS / name)}))
+    assert problems_of(excinfo) == {
+        "training.precision": "fp16 on CPU ranks (slurm.gpus_per_node is 0): DeepSpeed runs fp16 only on GPUs and on "
+        "CPUs with fp16 kernels, and refuses it at start elsewhere (as written in deepspeed.config.fp16.enabled)"
+    }
+
+
 def test_raw_settings_fill_unset_spec_fields_and_conflicts_name_both_places(tmp_path):
     raw = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.5, "bf16": {"enabled": True}}
     raw["zero_optimization"] = {"stage": 1}
@@ -150,7 +171,8 @@ def test_fp16_and_bf16_both_on_is_refused(tmp_path):
 
 def test_a_raw_fp16_section_beside_the_default_precision_makes_one_precision(tmp_path):
     # Before, the preset's fp32 (or the default bf16) and the raw fp16 section were both enabled.
-    pinned, ds = rendered(write_spec(tmp_path, deepspeed={"config": {"fp16": {"enabled": True, "loss_scale": 0}}}))
+    raw = {"fp16": {"enabled": True, "loss_scale": 0}}
+    pinned, ds = rendered(write_spec(tmp_path, deepspeed={"config": raw}, **ON_GPUS))
     assert pinned.training.precision == "fp16" and ds["fp16"]["enabled"] is True and "bf16" not in ds
 
 
@@ -222,14 +244,15 @@ def test_keys_deepspeed_ignores_are_warned_about_and_the_run_is_created(tmp_path
 
 
 @pytest.mark.deepspeed
-def test_llamafactory_zero3_offload_config_drives_a_real_cpu_run(tmp_path):
-    """`hpcds run` with LLaMA-Factory's ZeRO-3 offload file as written: DeepSpeed builds stage 3 with the optimizer
-    and the parameters offloaded (read back from the engine), the run finishes, and the two sections DeepSpeed
-    ignores are named on the way in."""
+@pytest.mark.parametrize("name", sorted(set(ACCEPTED) - FP16))
+def test_public_config_trains_on_cpu_ranks_as_written(tmp_path, name):
+    """`hpcds run` with the public file as written, 2 steps on 2 CPU ranks: DeepSpeed builds the stage, offloads and
+    precision the table says (read back from the engine), the run finishes, and the sections DeepSpeed ignores are
+    named on the way in. LLaMA-Factory's ZeRO-3 offload file builds stage 3 with optimizer and parameters offloaded."""
     spec = write_spec(
         tmp_path,
-        deepspeed={"config": str(CORPUS / "llamafactory_ds_z3_offload_config.json")},
-        training={"max_steps": 4, "warmup_steps": 1, "eval_interval_steps": 100},
+        deepspeed={"config": str(CORPUS / name)},
+        training={"max_steps": 2, "warmup_steps": 1, "eval_interval_steps": 100},
         wandb={"mode": "disabled"},
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -243,18 +266,21 @@ def test_llamafactory_zero3_offload_config_drives_a_real_cpu_run(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for section in ("comms_config", "monitor_config"):
+    for section in IGNORED_BY_DEEPSPEED.get(name, ()):
         assert f"warning: deepspeed.config.{section}: is not a setting DeepSpeed reads" in result.stderr
     (run_dir,) = runs.list_runs(tmp_path / "runs")
     events = runs.read_events(run_dir)
     (engine,) = [e for e in events if e["event"] == "engine"]
-    assert {k: engine[k] for k in ("zero_stage", "optimizer", "offload_optimizer", "offload_params")} == {
-        "zero_stage": 3,
-        "optimizer": "DeepSpeedZeroOptimizer_Stage3",
-        "offload_optimizer": True,
-        "offload_params": True,
+    stage, offload_optimizer, offload_params, precision = ACCEPTED[name]
+    built = {k: engine[k] for k in ("zero_stage", "offload_optimizer", "offload_params", "precision")}
+    assert built == {
+        "zero_stage": stage,
+        "offload_optimizer": offload_optimizer == "cpu",
+        "offload_params": offload_params == "cpu",
+        "precision": precision,
     }
-    assert [e["step"] for e in events if e["event"] == "finished"] == [4]
+    assert engine["optimizer"] == ZERO_OPTIMIZER[stage]
+    assert [e["step"] for e in events if e["event"] == "finished"] == [2]
 
 
 @pytest.mark.parametrize(

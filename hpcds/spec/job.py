@@ -203,6 +203,17 @@ class JobSpec(Strict):
             problems.append(
                 Problem("training.precision", "fp16 overflows in Mamba's selective scan", "use bf16 (or fp32)")
             )
+        elif self.training.precision == "fp16" and self.slurm.gpus_per_node == 0:
+            # DeepSpeed's CPU accelerator takes fp16 only where oneDNN has fp16 kernels (AVX512-FP16 / AMX-FP16) and
+            # refuses it at engine start elsewhere: the login node cannot tell which CPU the ranks will get.
+            problems.append(
+                Problem(
+                    "training.precision",
+                    "fp16 on CPU ranks (slurm.gpus_per_node is 0): DeepSpeed runs fp16 only on GPUs and on CPUs "
+                    "with fp16 kernels, and refuses it at start elsewhere",
+                    "use bf16 (or fp32) on CPU ranks, or set slurm.gpus_per_node",
+                )
+            )
         return self
 
     def to_yaml(self) -> str:
