@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from hpcds.errors import HpcdsError
 from hpcds.spec import LoraSpec, ModelSpec
+from hpcds.train.kernels import select_kernels
 from hpcds.train.models import build_model, enable_activation_checkpointing, kernel_path
 
 VOCAB = 64
@@ -104,11 +105,16 @@ def test_shapes_follow_the_spec():
 
 
 def test_mamba_on_cpu_uses_the_mambapy_scan_and_says_so():
-    model = build_model(spec("mamba"), seed=0)
+    chosen = select_kernels(spec("mamba"), "fp32")
+    assert chosen.path == "reference" and chosen.mambapy and "mambapy" in chosen.detail
+    assert kernel_path(spec("mamba")) == chosen.detail
+    model = build_model(spec("mamba"), seed=0, mambapy=chosen.mambapy)
     assert model.config.use_mambapy
-    assert "mambapy" in kernel_path(spec("mamba")) and "reference PyTorch" in kernel_path(spec("mamba"))
-    assert "reference PyTorch" in kernel_path(spec("mamba2"))
-    assert "attention" in kernel_path(spec("gpt2"))
+    assert select_kernels(spec("mamba2"), "fp32").path == "reference"
+    assert "attention" in select_kernels(spec("gpt2"), "fp32").detail
+    assert not build_model(
+        spec("mamba"), seed=0, mambapy=select_kernels(spec("mamba"), "bf16").mambapy
+    ).config.use_mambapy
     # The parallel scan computes what the sequential reference scan computes.
     x, _ = batch(seq_len=32)
     fast = model(input_ids=x).logits

@@ -102,6 +102,13 @@ class ModelSpec(Strict):
         "fields.",
     )
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights.")
+    kernels: Literal["auto", "fused", "reference"] = Field(
+        "auto",
+        description="Mamba / Mamba-2: what runs the scan. auto: mamba-ssm's fused CUDA kernels on GPUs (the job fails "
+        "at start when mamba-ssm or causal-conv1d does not import there; pip install 'hpcds[gpu]'), reference "
+        "PyTorch on CPU; fused: the kernels or fail; reference: transformers' reference PyTorch even on GPUs "
+        "(slower, and it needs more GPU memory than the plan shows).",
+    )
 
     @model_validator(mode="after")
     def _check_shape(self, info: ValidationInfo) -> ModelSpec:
@@ -145,6 +152,15 @@ class ModelSpec(Strict):
                     "model.path",
                     "is required for model.type hf",
                     "a Hugging Face model name or a local folder with config.json",
+                )
+            )
+        # hf without hf_arch: the folder's layout is filled in later, and validated again then
+        if self.kernels != "auto" and self.layout not in SSM_LAYOUTS and (self.type != "hf" or self.hf_arch):
+            problems.append(
+                Problem(
+                    "model.kernels",
+                    f"chooses Mamba's scan kernels, and a {self.layout} model has none",
+                    "remove the line (it applies to mamba and mamba2 models)",
                 )
             )
         if self.type == "hf":

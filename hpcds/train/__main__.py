@@ -50,7 +50,7 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     import torch.distributed as dist
 
     from hpcds.spec import load_spec
-    from hpcds.train import checkpoint, models
+    from hpcds.train import checkpoint, kernels, models
     from hpcds.train import data as data_mod
     from hpcds.train.logging import make_logger
     from hpcds.train.loop import Settings, Trainer, banner
@@ -72,6 +72,9 @@ def build_trainer(run_dir: Path, flag: StopFlag):
             f"{run_dir / SPEC_FILE}: deepspeed.zero_stage is 'auto'; a run directory pins a stage "
             "(hpcds submit / hpcds run write it). hint: set deepspeed.zero_stage to 0-3 there"
         )
+    # Before the data and the model: a GPU job that cannot have the kernels its model wants fails now, not after
+    # minutes of start-up (and before transformers' Mamba modules are imported, which fixes their implementation).
+    kernel_choice = kernels.select_kernels(spec.model, spec.training.precision)
     ds_config = json.loads((run_dir / DS_CONFIG_FILE).read_text())
     micro = int(ds_config.get("train_micro_batch_size_per_gpu", spec.training.micro_batch_size))
     accum = int(ds_config.get("gradient_accumulation_steps", spec.training.grad_accum_steps))
@@ -98,7 +101,11 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     zero3_config = ds_config if spec.deepspeed.zero_stage == 3 else None
     with _weights_init_skipped(found.tag is not None):
         model = models.build_model(
-            spec.model, seed=spec.training.seed, zero3_config=zero3_config, pretrained=found.tag is None
+            spec.model,
+            seed=spec.training.seed,
+            zero3_config=zero3_config,
+            pretrained=found.tag is None,
+            mambapy=kernel_choice.mambapy,
         )
     if found.tag is not None and hasattr(model, "tie_weights"):
         model.tie_weights()  # no_init_weights also skips tying (transformers 5): untied, the ZeRO layout would differ
@@ -109,7 +116,16 @@ def build_trainer(run_dir: Path, flag: StopFlag):
         # `materialized`: elements this rank holds whole after the build; 0 under zero.Init (only shards exist).
         materialized = sum(p.numel() for p in model.parameters())
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-        runs.append_event(run_dir, "model", params=params, trainable=trainable, materialized=materialized)
+        runs.append_event(
+            run_dir,
+            "model",
+            params=params,
+            trainable=trainable,
+            materialized=materialized,
+            precision=spec.training.precision,
+            kernels=kernel_choice.path,
+            kernels_detail=kernel_choice.detail,
+        )
     phase("model")
     optimizer = make_optimizer(model, spec, lr_for_spec(0, spec.training))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -138,7 +154,7 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     if rank == 0:
         nodes = max(1, world // int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world))))
         print(
-            banner(trainer, params=params, kernels=models.kernel_path(spec.model), backend=backend, nodes=nodes),
+            banner(trainer, params=params, kernels=kernel_choice.detail, backend=backend, nodes=nodes),
             flush=True,
         )
     return trainer
@@ -208,8 +224,9 @@ def engine_facts(engine) -> dict:
 
 def make_optimizer(model, spec, lr: float):
     """AdamW without weight decay on biases and norms. torch's AdamW compiles nothing. With optimizer offload from
-    GPUs, DeepSpeed's CPU Adam (a JIT-compiled op, built once per TORCH_EXTENSIONS_DIR) steps the host copy many
-    times faster than torch's; on CPU-only ranks the states are on the host anyway and torch's AdamW does it."""
+    GPUs, DeepSpeed's CPU Adam (a JIT-compiled op, built once per TORCH_EXTENSIONS_DIR by hpcds.train.ops) steps the
+    host copy many times faster than torch's; on CPU-only ranks the states are on the host anyway and torch's AdamW
+    does it."""
     import torch
 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -222,6 +239,9 @@ def make_optimizer(model, spec, lr: float):
     if spec.deepspeed.offload_optimizer != "none" and torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        from hpcds.train.ops import load_cpu_adam
+
+        load_cpu_adam()  # DeepSpeedCPUAdam then finds the op loaded (DeepSpeed caches ops per process)
         return DeepSpeedCPUAdam(groups, lr=lr, betas=spec.training.adam_betas, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=lr, betas=spec.training.adam_betas)
 

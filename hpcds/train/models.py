@@ -2,11 +2,11 @@
 
 `mamba` -> MambaForCausalLM, `mamba2` -> Mamba2ForCausalLM, `gpt2` -> GPT2LMHeadModel, `hf` -> any local causal-LM
 folder (its weights, or a fresh init when the folder holds only config.json). Weights are initialised from `seed`
-alone, without touching the caller's global RNG. Dropout is off everywhere (LoRA's own dropout excepted). Mamba uses
-mamba-ssm's fused CUDA kernels when mamba-ssm and causal-conv1d import on a GPU machine; otherwise transformers'
-reference PyTorch path, and for Mamba-1 the `mambapy` parallel scan, which is many times faster on CPU than the
-sequential scan. Input/output embeddings are tied as in mamba-ssm and GPT-2, except for a mamba / mamba2 spec with
-`model.tie_embeddings: false` (falcon-mamba's head is its own matrix).
+alone, without touching the caller's global RNG. Dropout is off everywhere (LoRA's own dropout excepted). Which
+implementation runs Mamba's scan is hpcds.train.kernels' decision; on the reference path Mamba-1 uses the `mambapy`
+parallel scan where it can, which is many times faster on CPU than the sequential scan. Input/output embeddings are
+tied as in mamba-ssm and GPT-2, except for a mamba / mamba2 spec with `model.tie_embeddings: false` (falcon-mamba's
+head is its own matrix).
 """
 
 from __future__ import annotations
@@ -18,45 +18,11 @@ from pathlib import Path
 from hpcds.errors import HpcdsError
 
 
-def _importable(name: str) -> bool:
-    if importlib.util.find_spec(name) is None:
-        return False
-    try:
-        # mamba-ssm can be installed yet unusable (its CUDA extension missing): only a real import tells.
-        importlib.import_module(name)
-    except Exception:
-        return False
-    return True
+def kernel_path(model, precision: str = "fp32") -> str:
+    """One line for a report: which implementation the model's hot loop runs on (hpcds.train.kernels decides)."""
+    from hpcds.train.kernels import describe_kernels
 
-
-def fused_mamba_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and _importable("mamba_ssm") and _importable("causal_conv1d")
-
-
-def kernel_path(model) -> str:
-    """One line for the startup banner: which implementation the model's hot loop runs on."""
-    if model.type in ("mamba", "mamba2"):
-        if fused_mamba_available():
-            return "mamba-ssm fused CUDA kernels (selective scan + causal-conv1d)"
-        import torch
-
-        if not _importable("mamba_ssm"):
-            why = "mamba-ssm not installed"
-        elif not torch.cuda.is_available():
-            why = "no CUDA device"
-        else:
-            why = "mamba-ssm or causal-conv1d failed to import"
-        if model.type == "mamba2":
-            return f"reference PyTorch (chunked scan; {why})"
-        if _importable("mambapy"):
-            return f"reference PyTorch (mambapy parallel scan; {why})"
-        return f"reference PyTorch (sequential scan, slow; {why}; pip install mambapy for a faster scan)"
-    import torch
-
-    device = "CUDA" if torch.cuda.is_available() else "CPU"
-    return f"PyTorch scaled-dot-product attention on {device}"
+    return describe_kernels(model, precision)
 
 
 def _no_dropout(config) -> None:
@@ -65,8 +31,9 @@ def _no_dropout(config) -> None:
             setattr(config, key, 0.0)
 
 
-def model_config(model):
-    """The transformers config for a mamba / mamba2 / gpt2 spec (hf models bring their own)."""
+def model_config(model, *, mambapy: bool | None = None):
+    """The transformers config for a mamba / mamba2 / gpt2 spec (hf models bring their own). `mambapy`: Mamba-1's
+    reference path uses mambapy's parallel scan (default: when mambapy is installed; the fused kernels ignore it)."""
     from transformers import GPT2Config, Mamba2Config, MambaConfig
 
     if model.type == "mamba":
@@ -77,7 +44,7 @@ def model_config(model):
             state_size=model.d_state,
             conv_kernel=model.d_conv,
             expand=model.expand,
-            use_mambapy=not fused_mamba_available() and _importable("mambapy"),
+            use_mambapy=importlib.util.find_spec("mambapy") is not None if mambapy is None else mambapy,
             tie_word_embeddings=model.tie_embeddings is not False,
         )
     if model.type == "mamba2":
@@ -112,14 +79,17 @@ def model_config(model):
     raise ValueError(f"no built-in config for model type {model.type}")
 
 
-def build_model(model, *, seed: int, zero3_config: dict | None = None, pretrained: bool = True):
+def build_model(
+    model, *, seed: int, zero3_config: dict | None = None, pretrained: bool = True, mambapy: bool | None = None
+):
     """A fresh (or, for `hf`, loaded) causal LM in fp32 on CPU; LoRA-wrapped when `model.lora` is set.
 
     With `zero3_config` (the run's DeepSpeed config, ZeRO stage 3) the model is built inside DeepSpeed's `zero.Init`:
     every parameter is partitioned as it is created (and `from_pretrained` loads weights shard by shard), so no rank
     ever holds the whole model, which is what lets a model larger than one GPU's (or one rank's share of host) memory
     start at all. A built-in family with `model.path` starts from those weights; `pretrained=False` (a resume, whose
-    checkpoint overwrites every weight) builds it from its config without reading the folder.
+    checkpoint overwrites every weight) builds it from its config without reading the folder. `mambapy`: as in
+    model_config (the trainer passes its kernel choice's).
     """
     import torch
 
@@ -128,20 +98,20 @@ def build_model(model, *, seed: int, zero3_config: dict | None = None, pretraine
         if model.type != "hf" and model.path and pretrained:
             # Loaded whole on each rank, outside zero.Init: GPT-2's position table may need cutting, which a
             # partitioned tensor does not allow (the built-in families' checkpoints are a few GB at most).
-            net = _load_pretrained(model)
+            net = _load_pretrained(model, mambapy)
         else:
             with _zero3_init(zero3_config):
-                net = _load_hf(model.path) if model.type == "hf" else _build(model, zero3=zero3_config is not None)
+                net = _load_hf(model.path) if model.type == "hf" else _build(model, zero3_config is not None, mambapy)
         if model.lora is not None:
             net = _with_lora(net, model.lora)
     net.train()
     return net
 
 
-def _build(model, *, zero3: bool):
+def _build(model, zero3: bool, mambapy: bool | None):
     import transformers
 
-    config = model_config(model)
+    config = model_config(model, mambapy=mambapy)
     if zero3:
         # from_config, not the class: under ZeRO-3 it builds inside zero.Init and then initialises each module's
         # gathered weights on rank 0 (the class's own init would write into empty shards).
@@ -205,7 +175,7 @@ def _shape_value(config, key: str):
     return getattr(config, key, None)
 
 
-def _load_pretrained(model):
+def _load_pretrained(model, mambapy: bool | None = None):
     """A mamba / mamba2 / gpt2 spec started from the pretrained weights in `model.path` (a local folder or a name in
     the local Hugging Face cache). The spec's config is used (no dropout, the CPU kernels), so its shape must be the
     folder's; a difference is an error rather than a model that silently is not the one the spec describes. GPT-2's
@@ -214,7 +184,7 @@ def _load_pretrained(model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    wanted, found = model_config(model), _local_config(model.path)
+    wanted, found = model_config(model, mambapy=mambapy), _local_config(model.path)
     if found.model_type != wanted.model_type:
         raise HpcdsError(
             f"model.path {model.path!r} holds a {found.model_type} model, not {wanted.model_type}"
