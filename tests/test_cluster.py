@@ -155,14 +155,22 @@ def test_two_node_run_goes_pending_running_completed(runs_root, submitted, tmp_p
 def test_cancel_ends_a_running_job(runs_root, submitted):
     result = submit(runs_root, submitted, "--set", "training.max_steps=100000", "--set", "training.warmup_steps=1")
     wait_for(runs_root, result["name"], {"RUNNING"}, timeout_s=60)
+    # Cancelled once it trains: the ranks then take scancel's TERM as a request to save and stop, and the job ends in
+    # seconds. A TERM sent before DeepSpeed's launcher has started the ranks never reaches them (they are forked
+    # after it, with the launcher's mask and without its pending signal): the job would run until Slurm's KILL,
+    # KillWait (60 s on the test cluster) after the TERM.
+    deadline = time.monotonic() + 120
+    losses = Path(result["run_dir"]) / "losses.jsonl"
+    while not losses.is_file() or not losses.read_text().strip():
+        assert time.monotonic() < deadline, "the run trained no step in 120 s"
+        time.sleep(0.5)
     done = hpcds(runs_root, "cancel", result["name"])
     assert done.returncode == 0, done.stderr
-    # The ranks take scancel's TERM as a request to save and stop (a start-up in progress first finishes); Slurm's
-    # KILL comes KillWait (60 s on the test cluster) after the TERM at the latest.
     row = wait_for(runs_root, result["name"], {"CANCELLED"}, timeout_s=90)
     assert row["source"] == "squeue"
     events = runs.read_events(Path(result["run_dir"]))
     assert [e["job_id"] for e in events if e["event"] == "cancelled"] == [result["job_id"]]
+    assert [e["signal"] for e in events if e["event"] == "stopped"] == ["SIGTERM"]  # the ranks saved and stopped
 
 
 def test_preempted_run_is_requeued_and_restarts(runs_root, submitted):
