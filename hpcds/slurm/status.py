@@ -103,9 +103,9 @@ def state_from_events(job_id: str | None, events: list[dict[str, Any]]) -> tuple
 
 def job_history(job_id: str, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per allocation of the job, oldest first: restart count, start and end times, the step it resumed
-    from, the stop signal and step, the error, and how it ended (the batch script's class and exit code). Trainer
-    events carry no job id; they belong to the allocation whose `started` came last before them. An allocation
-    without an `exited` event followed by a later one ended `killed` (at its last event)."""
+    from and its resume probe's verdict, the stop signal and step, the error, and how it ended (the batch script's
+    class and exit code). Trainer events carry no job id; they belong to the allocation whose `started` came last
+    before them. An allocation without an `exited` event followed by a later one ended `killed` (at its last event)."""
     history: list[dict[str, Any]] = []
     current: dict[str, Any] | None = None
     last_time = None  # of the newest event of the current allocation
@@ -121,7 +121,8 @@ def job_history(job_id: str, events: list[dict[str, Any]]) -> list[dict[str, Any
             continue
         if kind == "started":
             current = {"restart": _as_int(event.get("restart")) or 0, "start": _as_float(event.get("time"))}
-            current |= {"end": None, "resumed_from_step": None, "stop": None, "error": None, "ending": None}
+            current |= {"end": None, "resumed_from_step": None, "probe": None, "stop": None, "error": None}
+            current["ending"] = None
             current["rc"] = None
             history.append(current)
         elif current is None:
@@ -129,6 +130,8 @@ def job_history(job_id: str, events: list[dict[str, Any]]) -> list[dict[str, Any
         last_time = _as_float(event.get("time"))
         if kind == "train_start":
             current["resumed_from_step"] = _as_int(event.get("step"))
+        elif kind == "probe":  # the resume probe: the saved loss recomputed from the loaded checkpoint
+            current["probe"] = "probe ok" if event.get("ok") else "probe failed"
         elif kind == "stopped":
             current["stop"] = f"{event.get('signal')} at step {event.get('step')}"
         elif kind == "error" and not current["error"]:  # the first is the cause; the other ranks' follow from it
@@ -152,7 +155,13 @@ def history_lines(history: list[dict[str, Any]]) -> list[str]:
     for entry in history:
         parts = [f"restart {entry['restart']}:"]
         step = entry.get("resumed_from_step")
-        parts.append("no trainer start" if step is None else ("from scratch" if step == 0 else f"resumed at {step}"))
+        if entry.get("probe") and step is None:  # the probe failed: the trainer never started
+            parts.append(f"resume refused ({entry['probe']})")
+        elif step is None:
+            parts.append("no trainer start")
+        else:
+            probe = f" ({entry['probe']})" if entry.get("probe") else ""
+            parts.append("from scratch" if step == 0 else f"resumed at {step}{probe}")
         if entry.get("stop"):
             parts.append(entry["stop"])
         if entry.get("end") is not None and entry.get("start") is not None:

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hpcds import runs
+from hpcds.errors import HpcdsError
 from hpcds.facts import EXIT_REQUEUE, LOSSES_FILE
 from hpcds.train import checkpoint
+from hpcds.train.loss import eval_loss, loss_of, probe_batch, probe_record, probe_verdict
 from hpcds.train.preempt import StopFlag, collective_device, signal_name
 from hpcds.train.progress import format_step_line, render_banner, write_heartbeat, write_progress
+from hpcds.train.rng import capture_rng, restore_rng
 from hpcds.train.schedule import lr_for_spec
 
 
@@ -180,32 +182,24 @@ class Trainer:
         """Mean validation loss over ranks; returns (improved, stop early)."""
         import math
 
-        import torch
-
         s, state = self.settings, self.state
-        self.engine.eval()
-        total = 0.0
-        with torch.no_grad():
-            for i in range(s.spec.training.eval_iters):
-                x, y = self.data.val_batch(i, s.rank, s.world, s.micro_batch)
-                total += loss_of(self.engine, x, y).item()
-        self.engine.train()
-        eval_loss = self.mean_over_ranks(total / s.spec.training.eval_iters)
-        improved = state.best_eval_loss is None or eval_loss < state.best_eval_loss
+        batches = (self.data.val_batch(i, s.rank, s.world, s.micro_batch) for i in range(s.spec.training.eval_iters))
+        loss = self.mean_over_ranks(eval_loss(self.engine, batches))
+        improved = state.best_eval_loss is None or loss < state.best_eval_loss
         if improved:
-            state.best_eval_loss, state.best_step, state.bad_evals = eval_loss, state.step, 0
+            state.best_eval_loss, state.best_step, state.bad_evals = loss, state.step, 0
         else:
             state.bad_evals += 1
         patience = s.spec.training.early_stopping_patience
         stop_early = patience is not None and state.bad_evals >= patience
         if s.rank == 0:
-            perplexity = math.exp(min(eval_loss, 50.0))
+            perplexity = math.exp(min(loss, 50.0))
             print(
-                f"eval at step {state.step}: loss {eval_loss:.4f} | perplexity {perplexity:.2f}"
+                f"eval at step {state.step}: loss {loss:.4f} | perplexity {perplexity:.2f}"
                 + (" (best)" if improved else f" ({state.bad_evals} without improvement)"),
                 flush=True,
             )
-            self.logger.log({"eval/loss": eval_loss, "eval/perplexity": perplexity}, step=state.step)
+            self.logger.log({"eval/loss": loss, "eval/perplexity": perplexity}, step=state.step)
             if stop_early:
                 print(f"early stopping: {state.bad_evals} evaluations without a better loss", flush=True)
                 runs.append_event(s.run_dir, "early_stop", step=state.step, best_step=state.best_step)
@@ -213,22 +207,41 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def checkpointed(self) -> dict[str, Any]:
-        """The trainer's part of a checkpoint: its state, plus facts a resume checks against."""
-        s = self.settings
+        """The trainer's part of a checkpoint: its state, plus facts a resume checks against (the probe among them)."""
+        s, step = self.settings, self.state.step
         return {
             **asdict(self.state),
-            "data_step": self.state.step,
+            "data_step": step,
             "wandb_id": s.wandb_id,
             "zero_stage": s.spec.deepspeed.zero_stage,
             "world_size": s.world,
+            "probe": probe_record(
+                self.probe_loss(), step=step, lr=lr_for_spec(step, s.spec.training), sequences=s.micro_batch
+            ),
         }
+
+    def probe_loss(self) -> float:
+        return self.mean_over_ranks(eval_loss(self.engine, [probe_batch(self.data, self.settings.micro_batch)]))
+
+    def check_probe(self, tag: str, saved: dict[str, Any], converted: bool) -> None:
+        """Recompute the saved probe loss before the first step; stop if the loaded state does not give it."""
+        s, started = self.settings, time.time()
+        measured = self.probe_loss()
+        problem = probe_verdict(saved, measured, converted=converted, checkpoint=str(s.ckpt_dir / tag))
+        if s.rank == 0:
+            seconds = round(time.time() - started, 3)
+            facts = {"saved_loss": saved["loss"], "loss": measured, "converted": converted, "seconds": seconds}
+            runs.append_event(s.run_dir, "probe", tag=tag, ok=problem is None, **facts)
+        if problem:
+            raise HpcdsError(problem)
 
     def save(self, final: bool = False) -> None:
         s, step = self.settings, self.state.step
         if self.reported.checkpoint_step == step:
             return
         started = time.time()
-        saved = self.checkpointed()
+        saved = self.checkpointed()  # computes the probe loss: a forward pass on one micro-batch
+        probe_s = time.time() - started
         manifest = checkpoint.save(
             self.engine,
             s.ckpt_dir,
@@ -262,7 +275,7 @@ class Trainer:
             step=step,
             bytes=manifest["total_bytes"],
             seconds=round(seconds, 3),
-            phases_s=manifest["timings_s"],
+            phases_s={"probe": round(probe_s, 3), **manifest["timings_s"]},
         )
 
     def resume(self) -> None:
@@ -291,6 +304,8 @@ class Trainer:
             if converted and s.rank == 0:
                 runs.append_event(s.run_dir, "checkpoint_converted", **converted)
             trainer = saved["trainer"]
+            if "probe" in trainer:  # checkpoints written before the probe existed have none
+                self.check_probe(found.tag, trainer["probe"], converted=bool(converted))
             self.state = TrainState(**{name: trainer[name] for name in asdict(TrainState())})
             self.reported.checkpoint_step, self.reported.checkpoint_time = self.state.step, saved["saved_time"]
             restore_rng(saved["rng"])
@@ -341,38 +356,6 @@ class Trainer:
         faults = self.flag.faults
         if self.settings.rank == 0 and faults.signal_at_step == self.state.step:
             os.kill(os.getpid(), faults.signal_num)
-
-
-def loss_of(engine, x, y):
-    """Mean cross-entropy over the targets of a micro-batch (positions marked -100 are not targets)."""
-    import torch.nn.functional as F
-
-    logits = engine(input_ids=x.to(engine.device)).logits
-    targets = y.to(logits.device).reshape(-1)
-    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, reduction="sum")
-    # An SFT micro-batch can hold no target (prompts longer than the sequence): 0, not NaN.
-    return total / (targets != -100).sum().clamp(min=1)
-
-
-def capture_rng() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _as_float(value) -> float | None:
