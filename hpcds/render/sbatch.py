@@ -264,6 +264,7 @@ def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = 
             hpcds_cmd=_command_words(slurm.container.hpcds if slurm.container and slurm.container.hpcds else hpcds_cmd),
             max_requeues=slurm.max_requeues,
             max_failure_requeues=slurm.max_failure_requeues,
+            max_no_progress=slurm.max_no_progress,
             hang_limit_s=slurm.hang_limit_s,
         )
     )

@@ -98,6 +98,8 @@ def state_from_events(job_id: str | None, events: list[dict[str, Any]]) -> tuple
             state, reason = "FAILED", f"requeue limit reached ({event.get('max_requeues')})"
         elif kind == "requeue_failed":
             state, reason = "FAILED", f"scontrol requeue failed (rc {event.get('rc')})"
+        elif kind == "not_requeued" and event.get("reason") == "no_progress":
+            state, reason = "FAILED", f"no progress in {event.get('allocations')} allocations in a row"
     return state, reason, rc
 
 

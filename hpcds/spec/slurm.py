@@ -172,6 +172,12 @@ class SlurmSpec(Strict):
     max_failure_requeues: int = Field(
         2, ge=0, description="Requeues per job after a failure or hang that followed new progress (then FAILED)."
     )
+    max_no_progress: int = Field(
+        3,
+        ge=1,
+        description="Allocations of a job in a row that commit no checkpoint beyond the newest step before them, "
+        "whatever their ending: after this many the run stops (ending no_progress) instead of being requeued.",
+    )
     hang_limit_s: int = Field(
         1800, ge=0, description="End the step when no heartbeat came for this long (0 = no hang watchdog)."
     )
