@@ -12,6 +12,9 @@ import signal
 # Exit code of a trainer that saved at a step boundary after a stop signal and wants the job run again
 # (EX_TEMPFAIL). DeepSpeed's launcher, `hpcds launch` and srun pass it on; the batch script requeues on it.
 EXIT_REQUEUE = 75
+# Exit code of an `hpcds launch` whose node failed its pre-flight check (EX_UNAVAILABLE): the batch script excludes
+# the node and requeues the job (`preflight` events with `ok: false` name the nodes).
+EXIT_UNHEALTHY = 69
 
 # Slurm's warning before the time limit (`--signal=USR2@lead`). Not USR1: NCCL uses USR1 internally on some versions.
 WARNING_SIGNAL = "USR2"
@@ -56,6 +59,7 @@ def template_facts() -> dict[str, object]:
     """What the batch-script templates read from here."""
     return {
         "exit_requeue": EXIT_REQUEUE,
+        "exit_unhealthy": EXIT_UNHEALTHY,
         "warning_signal": WARNING_SIGNAL,
         "events_file": EVENTS_FILE,
         "heartbeat_dir": HEARTBEAT_DIR,
