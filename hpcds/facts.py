@@ -34,6 +34,7 @@ PROGRESS_FILE = "progress.json"
 LOSSES_FILE = "losses.jsonl"
 HEARTBEAT_DIR = "heartbeats"
 CHECKPOINT_DIR = "checkpoints"
+BAD_NODES_FILE = "bad_nodes.jsonl"  # the nodes the batch script excluded from the run's job, one JSON line each
 
 # The ranks' rendezvous port: the batch script picks a free one on the first node, at or above this and below the
 # ephemeral range, and passes it to every node's `hpcds launch` in this environment variable.
@@ -63,6 +64,7 @@ def template_facts() -> dict[str, object]:
         "warning_signal": WARNING_SIGNAL,
         "events_file": EVENTS_FILE,
         "heartbeat_dir": HEARTBEAT_DIR,
+        "bad_nodes_file": BAD_NODES_FILE,
         "master_port_env": MASTER_PORT_ENV,
         "port_low": MASTER_PORT_LOW,
         "nodes_env": NODES_ENV,

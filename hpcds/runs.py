@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcds.errors import HpcdsError
-from hpcds.facts import EVENTS_FILE, META_FILE
+from hpcds.facts import BAD_NODES_FILE, EVENTS_FILE, META_FILE
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -201,6 +201,14 @@ def parse_events(data: str | bytes) -> list[dict[str, Any]]:
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     try:
         return parse_events((Path(run_dir) / EVENTS_FILE).read_bytes())
+    except FileNotFoundError:
+        return []
+
+
+def read_bad_nodes(run_dir: Path) -> list[dict[str, Any]]:
+    """The nodes the run's batch script excluded (facts.BAD_NODES_FILE): host, reason, time, job id, restart."""
+    try:
+        return parse_events((Path(run_dir) / BAD_NODES_FILE).read_bytes())
     except FileNotFoundError:
         return []
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from hpcds import facts, runs, slurm
-from hpcds.cli.jobs_cmd import StatusSource, sbatch_run
+from hpcds.cli.jobs_cmd import StatusSource
+from hpcds.cli.submit_cmd import sbatch_run
 
 pytestmark = pytest.mark.slurm
 

@@ -49,7 +49,7 @@ COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
         "Write a spec from another tool's training YAML or a DeepSpeed JSON; what cannot be carried over is listed.",
     ),
     "submit": (
-        "hpcds.cli.jobs_cmd",
+        "hpcds.cli.submit_cmd",
         "submit",
         "Submit SPEC to Slurm as a new run (sbatch), creating its run directory.",
     ),

@@ -1,9 +1,8 @@
-"""`hpcds submit`, `status`, `logs`, `cancel` (login node) and `launch` (inside a job, once per node).
+"""`hpcds status`, `logs`, `cancel` (login node) and `launch` (inside a job, once per node).
 
-submit = the run directory (resolved spec, DeepSpeed config, batch script, W&B id, versions) + one `sbatch --parsable`;
-when sbatch is missing or refuses, the run directory is removed again and the error shows Slurm's stderr. status reads
-every run directory and asks Slurm once (squeue) per refresh for all of them; accounting (sacct) only where Slurm has
-forgotten a job the event log cannot settle and the cluster has accounting. Nothing here imports torch or DeepSpeed.
+status reads every run directory and asks Slurm once (squeue) per refresh for all of them; accounting (sacct) only
+where Slurm has forgotten a job the event log cannot settle and the cluster has accounting. Nothing here imports torch
+or DeepSpeed.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from rich.console import Console
 
 from hpcds import facts, runs, slurm
 from hpcds.cli import COMMAND_SETTINGS
-from hpcds.cli.common import console, err_console, force_option, print_json, runs_root_option, spec_options
+from hpcds.cli.common import console, err_console, print_json, runs_root_option
 from hpcds.errors import HpcdsError
 from hpcds.slurm.status import (
     ACTIVE_STATES,
@@ -32,86 +31,6 @@ from hpcds.slurm.status import (
     same_job,
     table_cells,
 )
-
-
-@click.command(context_settings=COMMAND_SETTINGS)
-@spec_options
-@runs_root_option
-@click.option("--name", help="Run name prefix (default: the spec's name).")
-@click.option("--dry-run", is_flag=True, help="Create the run directory and print its paths; do not submit.")
-@click.option("--check-memory", is_flag=True, help="Print the memory plan and exit without submitting.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@force_option
-def submit(spec, spec_path, runs_root: Path, name, dry_run, check_memory, as_json, force) -> None:
-    """Submit SPEC to Slurm as a new run (sbatch), creating its run directory."""
-    if name:
-        from hpcds.spec import deep_merge, validate_spec
-
-        spec = validate_spec(deep_merge(spec.model_dump(mode="json"), {"name": name}), "--name")
-    if check_memory:
-        from hpcds.cli.plan_cmd import print_plan
-
-        print_plan(spec)
-        return
-    run_dir, job_id = submit_run(spec, runs_root, dry_run=dry_run, force=force)
-    result = {
-        "name": run_dir.name,
-        "job_id": job_id,
-        "run_dir": str(run_dir),
-        "script": str(run_dir / facts.SCRIPT_FILE),
-        "output": str(run_dir / f"slurm-{job_id or '%j'}.out"),
-        "wandb_id": runs.read_meta(run_dir).get("wandb_id"),
-    }
-    if as_json:
-        print_json(result)
-        return
-    verb = "created (not submitted)" if dry_run else f"submitted as job {job_id}"
-    console.print(f"run [bold]{result['name']}[/] {verb}")
-    for key in ("run_dir", "script", "output"):
-        console.print(f"  {key:8} {result[key]}")
-    if not dry_run:
-        console.print(f"  status   hpcds status {result['name']}")
-
-
-def submit_run(spec, runs_root: Path, *, dry_run: bool = False, force: bool = False) -> tuple[Path, str | None]:
-    """Create the run directory and (unless dry_run) submit it; no run directory is left behind when sbatch fails."""
-    from hpcds.cli.render_cmd import checked_run_files, record_forced
-    from hpcds.render import hpcds_command, render_sbatch
-
-    pinned, files, forced = checked_run_files(spec, force)
-    hpcds_cmd = hpcds_command()
-
-    def files_for(run_dir: Path) -> dict[str, str]:
-        return {**files, facts.SCRIPT_FILE: render_sbatch(pinned, str(run_dir), hpcds_cmd)}
-
-    meta = {"wandb_id": runs.new_wandb_id(), "spec_name": spec.name}
-    run_dir = runs.create_run(runs_root, pinned.name, files_for, meta=meta)
-    record_forced(run_dir, forced)
-    if dry_run:
-        return run_dir, None
-    try:
-        job_id = sbatch_run(run_dir)
-    except BaseException:
-        runs.remove_run(run_dir)
-        raise
-    return run_dir, job_id
-
-
-def sbatch_run(run_dir: Path) -> str:
-    """Submit a run directory's batch script (from inside the run directory) and record the job id."""
-    script = run_dir / facts.SCRIPT_FILE
-    job_id = slurm.sbatch(script, cwd=run_dir)
-    job_ids = [str(j) for j in runs.read_meta(run_dir).get("job_ids") or []]
-    runs.update_meta(run_dir, job_ids=[*job_ids, job_id])
-    # The job name lets status tell this job from a later one that got the same id (a reinstalled controller).
-    names = [
-        line.split("=", 1)[1].strip() for line in script.read_text().splitlines() if line.startswith(JOB_NAME_FLAG)
-    ]
-    runs.append_event(run_dir, "submitted", job_id=job_id, job_name=names[0] if names else None)
-    return job_id
-
-
-JOB_NAME_FLAG = "#SBATCH --job-name="
 
 
 def read_run(run_dir: Path, jobs: dict[str, slurm.JobState]) -> dict[str, Any]:
@@ -268,8 +187,12 @@ def select_runs(runs_root: Path, names: tuple[str, ...]) -> list[Path]:
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of objects, one per run (null where unknown).")
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
 @click.option("--interval", "interval_s", type=click.FloatRange(min=0.5), default=5.0, show_default=True)
-def status(names, runs_root: Path, as_json, watch, interval_s) -> None:
+@click.option("--nodes", "by_node", is_flag=True, help="Per node, how often the runs' batch scripts excluded it.")
+def status(names, runs_root: Path, as_json, watch, interval_s, by_node) -> None:
     """Queue state and training progress of runs (all runs under the runs folder by default)."""
+    if by_node:
+        print_node_failures(select_runs(runs_root, names), as_json)
+        return
     source = StatusSource()
     if as_json and not watch:
         print_json([row.to_dict() for row in source.rows(select_runs(runs_root, names))])
@@ -304,6 +227,26 @@ def status(names, runs_root: Path, as_json, watch, interval_s) -> None:
             caption = f"{time.strftime('%H:%M:%S')}, every {interval_s:g} s, Ctrl-C to stop. {source.note}"
             live.update(Group(render_table(rows), Text(caption, style="dim")), refresh=True)
             time.sleep(interval_s)
+
+
+def print_node_failures(run_dirs: list[Path], as_json: bool) -> None:
+    from rich.table import Table
+
+    from hpcds.durations import format_slurm_duration
+    from hpcds.slurm.status import node_failures
+
+    rows = node_failures({d.name: runs.read_bad_nodes(d) for d in run_dirs})
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        console.print("no node was excluded by these runs")
+        return
+    table = Table("node", "excluded", "runs", "last", "why", box=None, header_style="bold")
+    for row in rows:
+        ago = f"{format_slurm_duration(time.time() - row['last_time'])} ago" if row["last_time"] else "-"
+        table.add_row(row["node"], str(row["failures"]), ", ".join(row["runs"]), ago, str(row["last_reason"]))
+    console.print(table)
 
 
 def select_run(runs_root: Path, name: str) -> Path:
@@ -397,4 +340,4 @@ def launch(run_dir: Path) -> None:
     launch_node(run_dir)
 
 
-COMMANDS = [submit, status, logs, cancel, launch]
+COMMANDS = [status, logs, cancel, launch]

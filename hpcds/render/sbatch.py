@@ -265,6 +265,7 @@ def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = 
             max_requeues=slurm.max_requeues,
             max_failure_requeues=slurm.max_failure_requeues,
             max_no_progress=slurm.max_no_progress,
+            exclude_bad_nodes=slurm.exclude_bad_nodes,
             hang_limit_s=slurm.hang_limit_s,
         )
     )

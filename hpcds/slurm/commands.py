@@ -54,9 +54,9 @@ def run(argv: list[str], *, cwd: Path | None = None, timeout_s: float = 60) -> s
     return done.stdout
 
 
-def sbatch(script: Path, *, cwd: Path) -> str:
-    """Submit a batch script; returns the job id."""
-    argv = ["sbatch", "--parsable", str(script)]
+def sbatch(script: Path, *, cwd: Path, extra_args: list[str] = ()) -> str:
+    """Submit a batch script; returns the job id. `extra_args` go before the script (they override its #SBATCH)."""
+    argv = ["sbatch", "--parsable", *extra_args, str(script)]
     out = run(argv, cwd=cwd)
     try:
         return parse_sbatch_parsable(out)

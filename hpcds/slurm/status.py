@@ -48,6 +48,7 @@ class StatusRow:
     wandb_dir: str | None = None
     heartbeat_age_s: float | None = None
     stale_nodes: list[str] = field(default_factory=list)
+    excluded_nodes: list[str] = field(default_factory=list)  # left out of the job by its batch script (node_excluded)
     source: str = "events"  # where the state came from: squeue, sacct, events
     ending: str | None = None  # class of the last allocation's end: finished, requeued, terminated, failed, hung
     error: str | None = None  # the first error of the last allocation (the exception's last line), if it had one
@@ -124,7 +125,7 @@ def job_history(job_id: str, events: list[dict[str, Any]]) -> list[dict[str, Any
         if kind == "started":
             current = {"restart": _as_int(event.get("restart")) or 0, "start": _as_float(event.get("time"))}
             current |= {"end": None, "resumed_from_step": None, "probe": None, "stop": None, "error": None}
-            current["ending"] = None
+            current["ending"], current["excluded"] = None, []
             current["rc"] = None
             history.append(current)
         elif current is None:
@@ -148,6 +149,8 @@ def job_history(job_id: str, events: list[dict[str, Any]]) -> list[dict[str, Any
             current["ending"] = event.get("class") or fallback
         elif kind in ("requeue", "failure_requeue"):
             current["requeued"] = True
+        elif kind == "node_excluded":
+            current["excluded"].append(str(event.get("host")))
     return history
 
 
@@ -170,8 +173,8 @@ def history_lines(history: list[dict[str, Any]]) -> list[str]:
             parts.append(f"ran {format_slurm_duration(entry['end'] - entry['start'])}")
         ending = entry.get("ending") or "running"
         parts.append(ending + (f" (exit {entry['rc']})" if entry.get("rc") not in (None, 0) else ""))
-        if entry.get("requeued") and ending in ("failed", "hung"):
-            parts.append("requeued")
+        if entry.get("requeued") and ending in ("failed", "hung", "node_unhealthy"):
+            parts.append("requeued" + (f" without {','.join(entry['excluded'])}" if entry.get("excluded") else ""))
         line = ", ".join(parts[1:])
         if entry.get("error"):
             line += f"; {entry['error']}"
@@ -277,6 +280,7 @@ def run_status(
         row.history = job_history(job_id, events)
         last = row.history[-1] if row.history else {}
         row.ending, row.error = last.get("ending"), last.get("error")
+        row.excluded_nodes = sorted({host for entry in row.history for host in entry.get("excluded", ())})
         if row.error and row.state == "FAILED":
             row.reason = row.error.splitlines()[-1][:120]
 
@@ -351,6 +355,7 @@ def table_cells(row: StatusRow) -> dict[str, str]:
         offline_dir = offline_dir.split(f"/{row.name}/", 1)[1]
     wandb = row.wandb_url or (f"offline {offline_dir}" if offline_dir else (row.wandb_id or "-"))
     reason = row.reason + (f"; stale: {','.join(row.stale_nodes)}" if row.stale_nodes else "")
+    reason += f"; excluded: {','.join(row.excluded_nodes)}" if row.excluded_nodes else ""
     return {
         "run": row.name,
         "job": row.job_id or "-",
@@ -366,3 +371,26 @@ def table_cells(row: StatusRow) -> dict[str, str]:
         "world": dash(row.world_size),
         "w&b": wandb,
     }
+
+
+def node_failures(bad_nodes: Mapping[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per node, what the runs' batch scripts excluded it for (`hpcds status --nodes`), most often excluded first.
+    `bad_nodes` maps a run's name to its bad_nodes.jsonl records."""
+    by_node: dict[str, dict[str, Any]] = {}
+    for run, records in bad_nodes.items():
+        for record in sorted(records, key=lambda r: _as_float(r.get("time")) or 0.0):
+            node = by_node.setdefault(str(record.get("host")), {"failures": 0, "runs": set()})
+            node["failures"] += 1
+            node["runs"].add(run)
+            node["last_time"], node["last_reason"] = _as_float(record.get("time")), record.get("reason")
+    rows = [
+        {"node": name, "failures": n["failures"], "runs": sorted(n["runs"]), "last_time": n["last_time"],
+         "last_reason": n["last_reason"]}
+        for name, n in by_node.items()
+    ]  # fmt: skip
+    return sorted(rows, key=lambda r: (-r["failures"], r["node"]))
+
+
+def nodes_to_avoid(bad_nodes: list[dict[str, Any]], now: float, memory_s: float) -> list[str]:
+    """The nodes excluded within the last `memory_s` seconds: a new submit of the same spec leaves them out."""
+    return sorted({str(r.get("host")) for r in bad_nodes if now - (_as_float(r.get("time")) or 0.0) <= memory_s})

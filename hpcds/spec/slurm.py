@@ -178,6 +178,17 @@ class SlurmSpec(Strict):
         description="Allocations of a job in a row that commit no checkpoint beyond the newest step before them, "
         "whatever their ending: after this many the run stops (ending no_progress) instead of being requeued.",
     )
+    preflight: bool = Field(
+        True,
+        description="Check each node before its ranks start (writable run directory, room for a checkpoint, host "
+        "memory and /dev/shm for the plan, GPUs, a gloo all-reduce between the nodes); a failing node exits 69 "
+        "(docs/multinode.md). HPCDS_PREFLIGHT=0 in the environment also skips it.",
+    )
+    exclude_bad_nodes: bool = Field(
+        True,
+        description="Requeue a failed or hung job without the node its evidence points at (a failed pre-flight "
+        "check, the first rank's error, the heartbeat that fell behind), while the partition keeps enough nodes.",
+    )
     hang_limit_s: int = Field(
         1800, ge=0, description="End the step when no heartbeat came for this long (0 = no hang watchdog)."
     )

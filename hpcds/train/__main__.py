@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -289,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _record_error(run_dir: Path, message: str, rank: str) -> None:
     if (run_dir / META_FILE).is_file():
-        runs.append_event(run_dir, "error", message=message.splitlines()[0][:500], rank=rank)
+        # The host lets the batch script exclude the node when the failure looks like the node's (a requeue after it).
+        runs.append_event(run_dir, "error", message=message.splitlines()[0][:500], rank=rank, host=socket.gethostname())
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ mask and unblock it only once their handler is in place.
 
 `HPCDS_TEST_FAULT` injects faults for the tests: `signal_at:N:TERM` makes rank 0 send itself that signal after step N,
 `kill_in_save:N` SIGKILLs rank 0 in the middle of step N's save (after the shards, before the commit),
-`raise_after:K` makes rank 0 raise at its K-th step boundary after each start (a failing job that still makes progress),
+`raise_after:K` makes rank 0 raise at its K-th step boundary after each start (a failing job that still makes progress;
+`raise_after:K@HOST` only where rank 0 runs on HOST: a bad node),
 `hang_after:K` makes rank 0 sleep there instead, in a job's first allocation only (a hung job: the other ranks wait
 in the collective, heartbeats stop), `stop_save_sleep:S` makes rank 0 sleep S seconds before the save a stop signal
 asks for (a slow save, as a big checkpoint's), `step_sleep:S[:N]` makes rank 0 sleep S seconds at every boundary
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from dataclasses import dataclass
 
 from hpcds.facts import STOP_SIGNUMS
@@ -71,7 +73,8 @@ class StopFlag:
     def _inject_faults(self) -> None:
         if os.environ.get("RANK", "0") != "0":
             return
-        if self.faults.raise_after == self.boundaries - 1:
+        on_host = self.faults.raise_on_host in (None, socket.gethostname())
+        if self.faults.raise_after == self.boundaries - 1 and on_host:
             raise RuntimeError(f"HPCDS_TEST_FAULT raise_after:{self.faults.raise_after}: injected failure")
         restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         if self.faults.step_sleep_s and restart < self.faults.step_sleep_allocations:
@@ -109,6 +112,7 @@ class Faults:
     signal_num: int = signal.SIGTERM
     kill_in_save_step: int | None = None
     raise_after: int | None = None
+    raise_on_host: str | None = None  # raise_after only on this host (None: on every host)
     hang_after: int | None = None
     stop_save_sleep_s: float = 0.0
     step_sleep_s: float = 0.0
@@ -129,7 +133,8 @@ def parse_faults(text: str) -> Faults:
         elif kind == "kill_in_save":
             faults = replace(faults, kill_in_save_step=int(rest))
         elif kind == "raise_after":
-            faults = replace(faults, raise_after=int(rest))
+            boundary, _, host = rest.partition("@")
+            faults = replace(faults, raise_after=int(boundary), raise_on_host=host or None)
         elif kind == "hang_after":
             faults = replace(faults, hang_after=int(rest))
         elif kind == "stop_save_sleep":
@@ -142,8 +147,8 @@ def parse_faults(text: str) -> Faults:
         else:
             raise ValueError(
                 f"HPCDS_TEST_FAULT: unknown fault {item!r} "
-                "(signal_at:N:SIG, kill_in_save:N, raise_after:K, hang_after:K, stop_save_sleep:S, step_sleep:S[:N], "
-                "convert_sleep:S)"
+                "(signal_at:N:SIG, kill_in_save:N, raise_after:K[@HOST], hang_after:K, stop_save_sleep:S, "
+                "step_sleep:S[:N], convert_sleep:S)"
             )
     return faults
 
