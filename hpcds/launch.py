@@ -2,7 +2,8 @@
 
 Inside a job, `srun --ntasks-per-node=1 hpcds launch RUN_DIR` runs this once per node. Each copy asks Slurm for the
 allocation's hosts (or, in a container, takes them from the batch script outside), computes its own node rank in this
-process (a `$SLURM_NODEID` expanded by the batch shell would be 0 on every node), writes the DeepSpeed hostfile
+process (a `$SLURM_NODEID` expanded by the batch shell would be 0 on every node), runs the node's pre-flight check
+(hpcds.preflight: a failing node logs why and exits EXIT_UNHEALTHY before DeepSpeed starts), writes the DeepSpeed hostfile
 `RUN_DIR/hostfile-<jobid>` (every node writes the same text, atomically), checks it, logs a `launch` event and
 replaces itself with `deepspeed --hostfile H --no_ssh --node_rank R` on the rendezvous port the batch script picked,
 so the node's exit code is DeepSpeed's. The stop signals (USR2, TERM, INT) are blocked first: the mask survives fork
@@ -26,10 +27,20 @@ from pathlib import Path
 
 from hpcds import __version__, runs
 from hpcds.errors import CommandError, HpcdsError
-from hpcds.facts import MASTER_ADDR_ENV, MASTER_PORT_ENV, NODES_ENV, OUTSIDE_VERSION_ENV, SPEC_FILE, STOP_SIGNUMS
+from hpcds.facts import (
+    EXIT_UNHEALTHY,
+    MASTER_ADDR_ENV,
+    MASTER_PORT_ENV,
+    NODES_ENV,
+    OUTSIDE_VERSION_ENV,
+    SPEC_FILE,
+    STOP_SIGNUMS,
+)
 from hpcds.render.hostfile import parse_hostfile, render_hostfile
 
 TRAIN_MODULE = "hpcds.train"
+# HPCDS_PREFLIGHT=0 skips the pre-flight check (hpcds.preflight) as slurm.preflight: false does.
+PREFLIGHT_ENV = "HPCDS_PREFLIGHT"
 # `hpcds run` looks for a Ctrl-C this often while it waits for the ranks.
 WAIT_POLL_S = 0.2
 MASTER_PORT_BASE = 29500
@@ -146,10 +157,40 @@ def _deepspeed_executable() -> str:
     return found
 
 
-def _slurm_spec(run_dir: Path):
+def _job_spec(run_dir: Path):
     from hpcds.spec import load_spec
 
-    return load_spec(Path(run_dir) / SPEC_FILE).slurm
+    return load_spec(Path(run_dir) / SPEC_FILE)
+
+
+def _slurm_spec(run_dir: Path):
+    return _job_spec(run_dir).slurm
+
+
+def preflight_node(
+    run_dir: Path, spec, hosts: Sequence[str], node_rank: int, master_addr: str, port: int, job_id: str, restart: int
+) -> None:
+    """Check this node (and, with the others, the network) and log a `preflight` event; a node that fails prints each
+    failure with its numbers and exits EXIT_UNHEALTHY without starting DeepSpeed, so the batch script can requeue the
+    job without it."""
+    from hpcds import preflight
+
+    checks, seconds = preflight.run_preflight(run_dir, spec, hosts, node_rank, master_addr, port)
+    failed = [check.name for check in checks if not check.ok]
+    runs.append_event(
+        run_dir,
+        "preflight",
+        job_id=job_id,
+        restart=restart,
+        host=hosts[node_rank],
+        ok=not failed,
+        failed=failed,
+        checks={check.name: check.to_dict() for check in checks},
+        seconds=round(seconds, 3),
+    )
+    if failed:
+        print(preflight.render_failures(hosts[node_rank], checks), file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_UNHEALTHY)
 
 
 def _train_env(base: Mapping[str, str], gpu: bool, local: bool = False) -> dict[str, str]:
@@ -181,20 +222,24 @@ def launch_node(run_dir: Path, env: Mapping[str, str] | None = None) -> None:
     if not hosts or (expected_nodes and int(expected_nodes) != len(hosts)):
         raise HpcdsError(f"the hosts of {nodelist} are {hosts}, but SLURM_JOB_NUM_NODES={expected_nodes}")
     node_rank = node_rank_of(hosts, env)
-    spec = _slurm_spec(run_dir)
+    job_spec = _job_spec(run_dir)
+    spec = job_spec.slurm
     gpu = spec.gpus_per_node > 0
+    master_addr = env.get(MASTER_ADDR_ENV) or hosts[0]
+    restart = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    if spec.preflight and env.get(PREFLIGHT_ENV, "1") != "0":
+        preflight_node(run_dir, job_spec, hosts, node_rank, master_addr, rendezvous_port(env) + 1, job_id, restart)
     hostfile = run_dir / f"hostfile-{job_id}"
     runs.write_text_atomic(hostfile, render_hostfile(list(hosts), spec.ranks))
     check_hostfile(hostfile, hosts, spec.ranks)
     argv = deepspeed_argv(
         run_dir,
-        master_addr=env.get(MASTER_ADDR_ENV) or hosts[0],
+        master_addr=master_addr,
         master_port=rendezvous_port(env),
         hostfile=hostfile,
         node_rank=node_rank,
         deepspeed=_deepspeed_executable(),
     )
-    restart = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
     where = {"host": hosts[node_rank], "node_rank": node_rank, "mnt_ns": _mount_namespace()}
     runs.append_event(run_dir, "launch", job_id=job_id, restart=restart, version=__version__, **where, argv=argv)
     outside = env.get(OUTSIDE_VERSION_ENV)
