@@ -376,9 +376,12 @@ CASES = {
     "scontrol": Case("scontrol", SPEC, requeue_by_scontrol, env=SLOW_SAVE),
     # Raises after 3 steps of every start, with a checkpoint every 2 steps: progress each time, so it is requeued up
     # to the failure cap and then ends FAILED.
+    # The failure cap alone: without exclusion, which would leave the 2-node partition short after two failures
+    # (tests/test_bad_nodes.py covers that).
     "failing": Case(
         "failing",
-        [*SMALL, "--set", "training.max_steps=100", "--set", "checkpoint.every_steps=2"],
+        [*SMALL, "--set", "training.max_steps=100", "--set", "checkpoint.every_steps=2"]
+        + ["--set", "slurm.exclude_bad_nodes=false"],
         env={"HPCDS_TEST_FAULT": "raise_after:3"},
     ),
     # Rank 0 stops dead after 3 steps of the first allocation; the batch script's watchdog sees no heartbeat for
