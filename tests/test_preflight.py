@@ -4,6 +4,7 @@ healthy pair of nodes. The GPU check needs GPUs and is not run here."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import shlex
@@ -107,10 +108,17 @@ def _slurmd_pid(cluster, node: str) -> int:
     return int((cluster.conf.parent.parent / "run" / f"slurmd-{node}.pid").read_text())
 
 
-def _submit(tmp_path: Path, run_dir: Path, nodes: list[str], before: str = "") -> str:
-    """A job that runs `hpcds launch RUN_DIR` once per node (after `before`) and records each node's exit code."""
-    per_node = f"{before} {shlex.quote(sys.executable)} -m hpcds launch {shlex.quote(str(run_dir))}; "
-    per_node += f'echo $? > {shlex.quote(str(tmp_path))}/rc-"$SLURMD_NODENAME"'
+def _submit(tmp_path: Path, run_dir: Path, nodes: list[str], before: str = "", record_rc: bool = True) -> str:
+    """A job that runs `hpcds launch RUN_DIR` once per node (after `before`) and records each node's exit code.
+
+    Without `record_rc` the launcher replaces the task's shell, so DeepSpeed's processes stay in the step's process
+    tree and `_cancel` kills them (a shell in between dies on the TERM, and the launcher, blocking it, outlives it).
+    """
+    launch_node = f"{shlex.quote(sys.executable)} -m hpcds launch {shlex.quote(str(run_dir))}"
+    if record_rc:
+        per_node = f'{before} {launch_node}; echo $? > {shlex.quote(str(tmp_path))}/rc-"$SLURMD_NODENAME"'
+    else:
+        per_node = f"{before} exec {launch_node}"
     script = tmp_path / "job.sh"
     script.write_text(
         f"#!/bin/bash\n#SBATCH --nodes={len(nodes)} --nodelist={','.join(nodes)} --ntasks-per-node=1\n"
@@ -121,6 +129,25 @@ def _submit(tmp_path: Path, run_dir: Path, nodes: list[str], before: str = "") -
     done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().split(";")[0]
+
+
+def _cancel(job_id: str) -> None:
+    # KILL at once: the launch chain blocks TERM, and a test has no use for DeepSpeed's ranks once they started.
+    subprocess.run(["scancel", "--full", "--signal=KILL", job_id], capture_output=True)
+    subprocess.run(["scancel", job_id], capture_output=True)
+
+
+def _kill_started_in(run_dir: Path) -> None:
+    """KILL the processes whose command line names this test's run directory (DeepSpeed's launchers and ranks).
+
+    On the test cluster a cancelled step's DeepSpeed launchers outlived the cancel (seen 30 s and more, holding the
+    nodes in COMPLETING for the other tests); the run directory is this test's own temporary folder."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(run_dir) in part for part in process.info["cmdline"] or []):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
 
 def _wait(condition, timeout_s: float, what: str):
@@ -152,12 +179,12 @@ def test_a_full_disk_ends_the_node_with_69_before_deepspeed(slurm_cluster, tmp_p
     try:
         _run_dir(seen, 1)
         job_id = _submit(tmp_path, run_dir, ["n1"])
-        rc = _wait(lambda: (tmp_path / "rc-n1").is_file() and (tmp_path / "rc-n1").read_text().strip(), 60, "exit")
+        rc = _wait(lambda: (tmp_path / "rc-n1").is_file() and (tmp_path / "rc-n1").read_text().strip(), 300, "exit")
         (event,) = _events(seen / facts.EVENTS_FILE, "preflight")
         launches = _events(seen / facts.EVENTS_FILE, "launch")
     finally:
         if job_id:
-            subprocess.run(["scancel", job_id], capture_output=True)
+            _cancel(job_id)
         subprocess.run(["nsenter", "-t", str(pid), "-m", "umount", "-l", str(run_dir)])
     assert rc == str(facts.EXIT_UNHEALTHY) and launches == []
     assert (event["ok"], event["failed"], event["host"], event["job_id"], event["restart"]) == (
@@ -193,7 +220,7 @@ def test_a_node_that_cannot_reach_the_first_fails_network_within_seconds(slurm_c
     )
     route = ["ip", "-n", "hpcds-n2", "route", "add", "blackhole", f"{_address('hpcds-n1')}/32"]
     try:
-        _wait(lambda: (tmp_path / "ready-n1").exists() and (tmp_path / "ready-n2").exists(), 60, "step start")
+        _wait(lambda: (tmp_path / "ready-n1").exists() and (tmp_path / "ready-n2").exists(), 300, "step start")
         subprocess.run(route, check=True)
         started = time.monotonic()
         (tmp_path / "go").touch()
@@ -208,7 +235,7 @@ def test_a_node_that_cannot_reach_the_first_fails_network_within_seconds(slurm_c
         took_s = time.monotonic() - started
     finally:
         subprocess.run([*route[:4], "del", *route[5:]], capture_output=True)
-        subprocess.run(["scancel", job_id], capture_output=True)
+        _cancel(job_id)
     by_host = {e["host"]: e for e in events}
     assert set(by_host) == {"n1", "n2"}
     for event in events:
@@ -226,11 +253,12 @@ def test_a_node_that_cannot_reach_the_first_fails_network_within_seconds(slurm_c
 @pytest.mark.slurm
 def test_healthy_nodes_log_ok_with_the_bandwidth_and_go_on_to_deepspeed(slurm_cluster, tmp_path):
     run_dir = _run_dir(tmp_path / "run", 2)
-    job_id = _submit(tmp_path, run_dir, ["n1", "n2"])
+    job_id = _submit(tmp_path, run_dir, ["n1", "n2"], record_rc=False)
     try:
-        _wait(lambda: len(_events(run_dir / facts.EVENTS_FILE, "launch")) == 2, 60, "launch events")
+        _wait(lambda: len(_events(run_dir / facts.EVENTS_FILE, "launch")) == 2, 300, "launch events")
     finally:
-        subprocess.run(["scancel", job_id], capture_output=True)
+        _cancel(job_id)
+        _kill_started_in(run_dir)
     events = _events(run_dir / facts.EVENTS_FILE, "preflight")
     assert sorted(e["host"] for e in events) == ["n1", "n2"]
     for event in events:
