@@ -6,13 +6,15 @@
 
 Each part runs in its own process (bench/gpu_parts/part.py) under its own time budget, so a part that fails or hangs
 (kernels that do not build, an out-of-memory) costs only itself; a part that would overrun the total is skipped and
-the report says so. This file imports only the standard library: on the node it runs before anything is installed.
-The pure parts (wheelhouse check, install choice, peak table, MFU, the table) are above the I/O below.
+the report says so. This file imports only the standard library: on the node it runs before anything is installed;
+the GPU peak table is hpcds/plan/gpus.py, loaded by its path (it imports nothing). The pure parts (wheelhouse check,
+install choice, peak lookup, MFU, the table) are above the I/O below.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -41,21 +43,18 @@ REQUIRED_FILES = {
     "causal-conv1d (sdist)": r"causal_conv1d-.+\.tar\.gz",
 }
 
-# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s from NVIDIA's datasheets, keyed by a piece of
-# torch.cuda.get_device_name(); the first match wins, so variants come before the family name.
-DENSE_BF16_PEAK_TFLOPS = (
-    ("GH200", 989.0),
-    ("H200", 989.0),
-    ("H100 NVL", 835.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("A10", 125.0),
-    ("RTX 4090", 165.0),  # fp32 accumulate, as training uses
-)
+
+def _load_gpu_table():
+    """hpcds/plan/gpus.py, the peak table, loaded by its path: importing it through the hpcds package would import
+    the package's dependencies, which this node may not have yet (the module itself imports nothing)."""
+    path = REPO / "hpcds" / "plan" / "gpus.py"
+    spec = importlib.util.spec_from_file_location("hpcds_plan_gpus", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GPUS = _load_gpu_table()
 
 
 @dataclass(frozen=True)
@@ -130,18 +129,10 @@ def wheels_to_install(wheels: list[str], installed: dict[str, str], always: tupl
 
 
 def dense_bf16_peak_tflops(gpu_name: str) -> float | None:
-    for piece, tflops in DENSE_BF16_PEAK_TFLOPS:
-        if piece.lower() in gpu_name.lower():
-            return tflops
-    return None
+    return GPUS.dense_peak_tflops(gpu_name, "bf16")
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float | None) -> float | None:
-    """Model FLOPs utilisation: the planner's training FLOPs per token (no recomputation) at the measured rate,
-    over the GPU's dense bf16 peak."""
-    if not peak_tflops:
-        return None
-    return tokens_per_s * flops_per_token / (peak_tflops * 1e12)
+mfu = GPUS.mfu
 
 
 def summarize(name: str, result: dict, peak_tflops: float | None) -> str:
