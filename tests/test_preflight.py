@@ -179,12 +179,20 @@ def test_a_full_disk_ends_the_node_with_69_before_deepspeed(slurm_cluster, tmp_p
     try:
         _run_dir(seen, 1)
         job_id = _submit(tmp_path, run_dir, ["n1"])
-        rc = _wait(lambda: (tmp_path / "rc-n1").is_file() and (tmp_path / "rc-n1").read_text().strip(), 300, "exit")
+        rc_file = tmp_path / "rc-n1"
+        # Either the node's exit code, or DeepSpeed starting (a `launch` event): the check did not stop it.
+        _wait(
+            lambda: (rc_file.is_file() and rc_file.read_text().strip()) or _events(seen / facts.EVENTS_FILE, "launch"),
+            300,
+            "exit",
+        )
+        rc = rc_file.read_text().strip() if rc_file.is_file() else None
         (event,) = _events(seen / facts.EVENTS_FILE, "preflight")
         launches = _events(seen / facts.EVENTS_FILE, "launch")
     finally:
         if job_id:
             _cancel(job_id)
+            _kill_started_in(run_dir)  # only when the check let DeepSpeed start
         subprocess.run(["nsenter", "-t", str(pid), "-m", "umount", "-l", str(run_dir)])
     assert rc == str(facts.EXIT_UNHEALTHY) and launches == []
     assert (event["ok"], event["failed"], event["host"], event["job_id"], event["restart"]) == (
@@ -236,6 +244,7 @@ def test_a_node_that_cannot_reach_the_first_fails_network_within_seconds(slurm_c
     finally:
         subprocess.run([*route[:4], "del", *route[5:]], capture_output=True)
         _cancel(job_id)
+        _kill_started_in(run_dir)  # only when the check let DeepSpeed start
     by_host = {e["host"]: e for e in events}
     assert set(by_host) == {"n1", "n2"}
     for event in events:
