@@ -129,6 +129,7 @@ def test_a_launcher_in_a_container_needs_no_scontrol_and_reports_another_version
     monkeypatch.setattr(launch.signal, "pthread_sigmask", lambda *args: set())  # keep the test process's mask
     env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURMD_NODENAME": "n2"}
     env |= {facts.NODES_ENV: "n1 n2", facts.OUTSIDE_VERSION_ENV: "0.0.1", facts.MASTER_PORT_ENV: "23456"}
+    env[launch.PREFLIGHT_ENV] = "0"  # n1 does not exist here: the network check would fail the node (69)
     launch.launch_node(tmp_path, env={**env, "PATH": str(tmp_path)})  # no scontrol on this PATH
     ((_, argv, _),) = execs
     runner = pytest.importorskip("deepspeed.launcher.runner")
