@@ -83,6 +83,11 @@ COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
         "sync_command",
         "Upload a run's offline W&B logs (one folder per trainer start, all into the same W&B run).",
     ),
+    "report": (
+        "hpcds.cli.report_cmd",
+        "report",
+        "Where a run's time went: goodput, each interruption's cost, saves, GPU-hours, tokens/s, MFU, and a plot.",
+    ),
     "export": (
         "hpcds.cli.export_cmd",
         "export",
