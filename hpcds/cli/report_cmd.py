@@ -15,6 +15,7 @@ from hpcds.durations import format_slurm_duration
 from hpcds.report.core import RunReport
 
 REPORT_PNG = "report.png"  # in the run directory, unless --png says where
+CAUSE_CHARS = 60  # of an allocation's stop signal or error in the table
 
 
 def _s(seconds: float | None) -> str:
@@ -56,13 +57,14 @@ def summary_rows(report: RunReport, png: Path | None) -> list[tuple[str, str]]:
 
 
 def render_tables(report: RunReport, png: Path | None) -> list:
+    from rich.markup import escape
     from rich.table import Table
 
     summary = Table(title=f"{report.name}", title_justify="left", show_header=False, box=None, pad_edge=False)
     summary.add_column(style="bold", no_wrap=True)
     summary.add_column(overflow="fold")
     for key, value in summary_rows(report, png):
-        summary.add_row(key, value)
+        summary.add_row(key, escape(value))
     tables = [summary]
     if report.allocations:
         origin = report.allocations[0].start_time
@@ -72,7 +74,9 @@ def render_tables(report: RunReport, png: Path | None) -> list:
         allocations.add_column("ending", overflow="fold")
         for a in report.allocations:
             steps = "-" if a.last_step is None else f"{a.resumed_from_step or 0}→{a.last_step}"
-            ending = a.ending + (f": {a.cause}" if a.cause else "")
+            # Escaped: error messages quote source locations like `[/…/pair.cc:553]`, which rich would read as markup.
+            cause = a.cause if len(a.cause) <= CAUSE_CHARS else a.cause[: CAUSE_CHARS - 1] + "…"  # --json has it all
+            ending = escape(a.ending + (f": {cause}" if cause else ""))
             allocations.add_row(
                 str(a.restart), f"+{_s(a.start_time - origin)}", _s(a.allocated_s), _s(a.effective_s),
                 _share(a.goodput), steps, str(a.steps_recomputed), _s(a.start_to_first_step_s), ending,

@@ -8,6 +8,7 @@ as trainer events do. docs/report.md defines every number.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
@@ -122,7 +123,7 @@ def build_report(
     records = [r for r in losses if _num(r.get("time")) is not None and _num(r.get("step")) is not None]
 
     def owner(time: float) -> int | None:
-        index = sum(1 for start in starts if start <= time) - 1
+        index = bisect_right(starts, time) - 1
         return index if index >= 0 else None
 
     later_steps: set[int] = set()
@@ -144,20 +145,27 @@ def build_report(
         index = owner(time)
         if index is None:
             continue
-        before = [m for m in marks.get(index, []) if m < time] + ([last_mark[index]] if index in last_mark else [])
+        mine = marks.get(index, [])
+        before = mine[: bisect_left(mine, time)][-1:] + ([last_mark[index]] if index in last_mark else [])
         interval = time - max(before) if before else None
         last_mark[index] = time
         rate = facts.tokens_per_step / interval if facts.tokens_per_step and interval else None
         loss = float(record.get("loss") or 0.0)
         points.append(StepPoint(time, int(record["step"]), loss, rate, index, recomputed, interval))
 
+    by_allocation: dict[int, list[StepPoint]] = {}
+    for point in points:
+        by_allocation.setdefault(point.allocation, []).append(point)
+    last_event: dict[int, float] = {}
+    for event in events:
+        if (index := owner(float(event["time"]))) is not None:
+            last_event[index] = float(event["time"])
     allocations = []
     for index, entry in enumerate(history):
-        mine = [p for p in points if p.allocation == index]
-        in_window = [float(e["time"]) for e in events if owner(float(e["time"])) == index]
+        mine = by_allocation.get(index, [])
         end = entry["end"]
         if entry["ending"] in (None, "killed"):  # its last sign of life: an event, a step record, a heartbeat
-            seen = [*in_window, *(p.time for p in mine)]
+            seen = [last_event.get(index, entry["start"]), *(p.time for p in mine[-1:])]
             if entry["ending"] is None and last_seen_time is not None and index == len(history) - 1:
                 seen.append(last_seen_time)
             end = max([*seen, *([end] if end is not None else [])], default=entry["start"])
@@ -194,7 +202,7 @@ def build_report(
     gpus = facts.nodes * facts.gpus_per_node
     gpu_hours = allocated_s * gpus / 3600 if gpus else None
     if not gpus:
-        notes["gpu_hours"] = "CPU run (no GPUs)"
+        notes["gpu_hours"] = "CPU run: no GPUs"
     tokens = steps_kept * facts.tokens_per_step if facts.tokens_per_step else None
     tokens_per_s = tokens / effective_s if tokens is not None and effective_s > 0 else None
     peak = dense_peak_tflops(facts.gpu_name, facts.precision) if facts.gpu_name and gpus else None
@@ -259,7 +267,7 @@ def _interruption(index: int, allocations: list[Allocation], events: list[dict],
 
 def _why_no_mfu(facts: RunFacts, gpus: int, peak: float | None, tokens_per_s: float | None) -> str:
     if not gpus:
-        return "CPU run (no GPU peak)"
+        return "CPU run: no GPU peak"
     if not facts.gpu_name:
         return "the run does not record its GPU: give --gpu NAME"
     if peak is None:

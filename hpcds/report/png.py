@@ -60,6 +60,9 @@ def draw_report_png(report: RunReport, path: Path) -> Path:
         )
     goodput = f"goodput {report.goodput:.0%}" if report.goodput is not None else "no allocation"
     figure.suptitle(f"{report.name}: {goodput}, {len(report.interruptions)} interruption(s)")
+    ends = [a.end_time for a in report.allocations if a.end_time is not None]
+    if ends:  # from the first allocation's start: its start-up shows as the time before the first step
+        rate_axes.set_xlim(left=0, right=minutes(max(ends)))
     loss_axes.set_ylabel("loss")
     rate_axes.set_ylabel("tokens/s")
     rate_axes.set_ylim(bottom=0)  # a dip reads as what it is, not as a fall to nothing
