@@ -90,6 +90,19 @@ def test_a_stop_signal_saves_where_it_stopped_and_costs_the_time_from_that_step_
     assert report.effective_s == pytest.approx(3 * 1.0 + 1.0 + 1.0)
 
 
+def test_a_periodic_save_between_two_steps_is_not_training_time():
+    events = [
+        started(0, 0),
+        {"time": 1, "event": "train_start", "step": 0},
+        {"time": 3.8, "event": "checkpoint", "step": 2, "seconds": 0.8},
+        exited(5, 0, "finished", 0),
+    ]
+    losses = [*steps(1, 2, at=2), {"step": 3, "loss": 0.3, "time": 4.8}]
+    report = build_report("r", {}, events, losses, CPU)
+    assert report.effective_s == pytest.approx(3.0)  # 1-2, 2-3, and 3.8-4.8: not the save's 0.8 s
+    assert [p.tokens_per_s for p in report.points] == pytest.approx([100.0, 100.0, 100.0])
+
+
 def test_a_hung_allocation_ends_at_its_exit_and_names_the_hang():
     events = [
         started(0, 0),
@@ -188,7 +201,22 @@ def test_the_png_is_drawn_and_reads_back_at_its_size(tmp_path):
     assert path.stat().st_size > 10_000
     pixels = matplotlib.image.imread(path)
     assert pixels.shape[:2] == (FIGURE_SIZE_IN[1] * FIGURE_DPI, FIGURE_SIZE_IN[0] * FIGURE_DPI)
-    assert pixels[..., :3].std() > 0.05  # lines and shading, not a blank canvas
+    red, blue = pixels[..., 0], pixels[..., 2]
+    assert ((blue - red) > 0.3).sum() > 200  # the loss and tokens/s lines (matplotlib's blue)
+    assert ((red - blue) > 0.08).sum() > 10_000  # the downtime shading and the restart lines (red)
+
+
+def test_the_table_shows_error_text_as_written():
+    from rich.console import Console
+
+    from hpcds.cli.report_cmd import render_tables
+
+    message = "RuntimeError: [/x/pair.cc:553] closed"  # rich would read the brackets as a closing tag
+    events = [started(0, 0), {"time": 1, "event": "error", "message": message}, exited(2, 0, "failed", 1)]
+    console = Console(record=True, width=200)
+    for table in render_tables(build_report("r", {}, events, [], CPU), None):
+        console.print(table)
+    assert message in console.export_text()
 
 
 # -- the command line --------------------------------------------------------------------------------------------------
