@@ -76,6 +76,23 @@ def shared_env(tmp_path_factory):
     return env
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, shared_env):
+    """`straight_run(stage)`: the uninterrupted run of `tiny_spec(stage)`, trained once per module and read by every
+    test that compares a resumed run with it (W&B off: it logs nothing the comparison reads)."""
+    done: dict[int, Path] = {}
+
+    def get(stage: int) -> Path:
+        if stage not in done:
+            run_dir = new_run(tmp_path_factory.mktemp(f"straight-z{stage}"), tiny_spec(stage))
+            with pytest.MonkeyPatch.context() as patch:
+                assert launch(run_dir, shared_env, patch) == 0
+            done[stage] = run_dir
+        return done[stage]
+
+    return get
+
+
 def new_run(root: Path, spec) -> Path:
     from hpcds.cli.train_cmd import prepare_run
 
@@ -102,10 +119,9 @@ def events(run_dir: Path, kind: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_sigterm_save_and_resume_is_bit_identical(stage, tmp_path, shared_env, monkeypatch):
+def test_sigterm_save_and_resume_is_bit_identical(stage, tmp_path, shared_env, monkeypatch, straight_run):
     wandb_mode = "offline" if stage == 2 else "disabled"
-    straight = new_run(tmp_path, tiny_spec(stage, wandb_mode))
-    assert launch(straight, shared_env, monkeypatch) == 0
+    straight = straight_run(stage)
 
     # A real SIGTERM to rank 0 only after step 5 (not a checkpoint step): every rank must still agree to stop,
     # save step_5 and exit 75; the restart trains steps 6-8.
@@ -142,7 +158,7 @@ def test_sigterm_save_and_resume_is_bit_identical(stage, tmp_path, shared_env, m
         assert "wandb login" in str(result.exception)
 
 
-def test_sigkill_during_save_resumes_from_previous_checkpoint(tmp_path, shared_env, monkeypatch):
+def test_sigkill_during_save_resumes_from_previous_checkpoint(tmp_path, shared_env, monkeypatch, straight_run):
     run_dir = new_run(tmp_path, tiny_spec(2))
     # Rank 0 dies after step_8's shards are on disk but before the commit; the launcher then ends rank 1.
     assert launch(run_dir, shared_env, monkeypatch, fault=f"kill_in_save:{MAX_STEPS}") not in (0, EXIT_REQUEUE)
@@ -157,8 +173,7 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(tmp_path, shared_e
     assert (ckpt_dir / "step_8" / ck.COMMITTED).is_file()
 
     # The same steps after the crash as without one: compare with a straight run of the same spec.
-    straight = new_run(tmp_path, tiny_spec(2))
-    assert launch(straight, shared_env, monkeypatch) == 0
+    straight = straight_run(2)
     assert_identical(straight, run_dir, 2)
 
     # A truncated shard in the newest checkpoint: detected by size, skipped with a message, previous one used.
