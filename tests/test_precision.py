@@ -197,3 +197,26 @@ def test_cpu_adam_builds_once_with_two_ranks_and_a_stale_baton(tmp_path):
     assert sorted("compiled True" in out for out in outputs) == [False, True], outputs
     assert sum("left by a build of DeepSpeed's cpu_adam op that was killed" in out for out in outputs) == 1
     assert list((extensions / "cpu_adam").glob("cpu_adam*.so")) and not (extensions / "cpu_adam" / "lock").exists()
+
+
+@pytest.mark.deepspeed
+def test_a_stale_baton_of_the_cpu_collective_op_does_not_block_a_start(tmp_path, shared_env):  # noqa: F811
+    """DeepSpeed builds its CPU shared-memory collective at every CPU start unless it is built; a build killed before
+    leaves torch's baton, and DeepSpeed alone would then wait on it forever. The trainer loads the op under hpcds's
+    lock first: the run (2 ranks, the op already compiled in a copy of the extensions folder) goes through."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    extensions = tmp_path / "torch_extensions"
+    built = ShareMemCommBuilder().name
+    shutil.copytree(os.path.join(shared_env["TORCH_EXTENSIONS_DIR"], built), extensions / built)
+    (extensions / built / "lock").touch()
+    spec = bf16_spec("gpt2", 0)
+    spec.training.max_steps = 2
+    run_dir = new_run(tmp_path, spec)
+    env = {**os.environ, **shared_env, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    argv = [sys.executable, "-m", "hpcds", "run", str(run_dir / "spec.yaml"), "--runs-dir", str(tmp_path / "runs")]
+    # Its own limit: without the lock the ranks wait on the baton for ever (and DeepSpeed's launchers ignore TERM).
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, start_new_session=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "left by a build of DeepSpeed's deepspeed_shm_comm op that was killed" in done.stderr
+    assert not (extensions / built / "lock").exists()

@@ -64,6 +64,12 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     if on_gpu:
         torch.cuda.set_device(local_rank)
     backend = "nccl" if on_gpu else "gloo"
+    if not on_gpu:
+        from hpcds.train.ops import load_op
+
+        # DeepSpeed compiles its CPU shared-memory collective op at the first start: built here under hpcds's lock,
+        # a build killed before (whose torch baton would make every later start wait forever) cannot block this one.
+        load_op(deepspeed.accelerator.get_accelerator().create_op_builder("ShareMemCommBuilder"))
     deepspeed.init_distributed(dist_backend=backend)
     phase("process_group")
 

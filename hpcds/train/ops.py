@@ -1,4 +1,5 @@
-"""DeepSpeed's CPU Adam op (optimizer offload from GPUs), compiled once into the shared extensions folder.
+"""DeepSpeed's JIT-compiled ops (CPU Adam for optimizer offload from GPUs, the shared-memory collective of CPU
+ranks), compiled once into the shared extensions folder.
 
 DeepSpeed JIT-compiles CPU Adam (1-2 minutes) through torch.utils.cpp_extension.load into
 `$TORCH_EXTENSIONS_DIR/cpu_adam`, guarded by torch's FileBaton: a `lock` file created when a build starts and removed
