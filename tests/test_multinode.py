@@ -229,14 +229,6 @@ def node_count_run(cluster_env, submitted) -> dict:
     result = json.loads(done.stdout)
     name, run_dir = result["name"], Path(result["run_dir"])
     submitted.append(result["job_id"])
-    # The same 8 steps on 2 nodes without a stop: what the losses of steps 5-8 would have been. It runs beside the legs
-    # (each job holds one CPU per node, the nodes have two), so its start-up overlaps theirs.
-    done = _hpcds(
-        Path(env["HPCDS_RUNS_DIR"]), "submit", *args, "--nodes", "2", "--name", "reference", "--json", env=env
-    )
-    assert done.returncode == 0, done.stderr
-    reference = json.loads(done.stdout)
-    submitted.append(reference["job_id"])
     legs = {"A": _wait_ended(env, name, result["job_id"], 600)[0]}
     job_b = _resubmit(run_dir, 1, {**env, "HPCDS_TEST_FAULT": "signal_at:6:TERM"})
     submitted.append(job_b)
@@ -244,6 +236,13 @@ def node_count_run(cluster_env, submitted) -> dict:
     job_c = _resubmit(run_dir, 2, env)
     submitted.append(job_c)
     legs["C"] = _wait_ended(env, name, job_c, 600)[0]
+    # The same 8 steps on 2 nodes without a stop: what the losses of steps 5-8 would have been.
+    done = _hpcds(
+        Path(env["HPCDS_RUNS_DIR"]), "submit", *args, "--nodes", "2", "--name", "reference", "--json", env=env
+    )
+    assert done.returncode == 0, done.stderr
+    reference = json.loads(done.stdout)
+    submitted.append(reference["job_id"])
     _wait_ended(env, reference["name"], reference["job_id"], 600)
     return {
         "name": name,
