@@ -13,9 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "bench" / "gpu_parts"))
 import gpu_check  # noqa: E402
-from kernels import restrict_gencode  # noqa: E402
+from gpu_parts.kernel_build import restrict_gencode  # noqa: E402
 
 # Names as scripts/gpu-wheelhouse wrote them (versions of the day).
 WHEELHOUSE_FILES = [

@@ -28,8 +28,8 @@ from hpcds import facts, runs
 from hpcds.train import checkpoint as ck
 
 # The comparison the GPU check's resume part makes too.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "gpu_parts"))
-from resume_compare import resume_differences
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from gpu_parts.resume_compare import resume_differences
 
 pytestmark = pytest.mark.deepspeed
 

@@ -26,11 +26,11 @@ def main() -> None:
         for hidden in ("mamba_ssm", "causal_conv1d"):
             sys.modules[hidden] = None  # import fails, importlib.util.find_spec says None
     if kind == "env":
-        from kernels import versions
+        from kernel_build import versions
 
         result = versions()
     elif kind == "kernels":
-        from kernels import kernels
+        from kernel_build import kernels
 
         result = kernels(args.wheelhouse, args.work)
     elif kind == "resume":
