@@ -64,7 +64,8 @@ def test_an_event_from_python_waits_for_the_log_lock(tmp_path):
 
 def test_an_event_from_the_batch_script_waits_for_the_log_lock(tmp_path):
     script = rendered_script()
-    program = shell_function(script, "hpcds_event") + f"RUN_DIR={tmp_path}\nhpcds_event probe n=1\n"
+    events = shell_function(script, "hpcds_event") + shell_function(script, "hpcds_event_to")
+    program = events + f"RUN_DIR={tmp_path}\nhpcds_event probe n=1\n"
     log = tmp_path / facts.EVENTS_FILE
     log.touch()
     with open(log, "a") as holder:
@@ -141,7 +142,7 @@ CONCURRENT_WRITERS = """#!/bin/bash
 # Stands in for `hpcds launch RUN_DIR` on each node: Python writers and the batch script's own hpcds_event append to
 # the run's event log at once, from every node.
 RUN_DIR=$2
-source <(sed -n '/^hpcds_event() {/,/^}/p' "$RUN_DIR/job.sbatch")
+source <(sed -n '/^hpcds_event\\(_to\\)\\?() {/,/^}/p' "$RUN_DIR/job.sbatch")
 for writer in $(seq 1 WRITERS); do
   PYTHON -c 'import sys
 from hpcds import runs
