@@ -188,12 +188,10 @@ def test_a_run_failing_on_n2_is_requeued_without_it_and_finishes_on_n1(slurm_clu
         "slurm.env={HPCDS_TEST_FAULT: raise_after:3@n2}",
     ]
     args = [a for s in sets for a in ("--set", s)]
-    # n1 is busy when the run is submitted, so its first allocation lands on n2.
-    blocker = slurm.parse_sbatch_parsable(
-        slurm.run(
-            ["sbatch", "--parsable", "-w", "n1", "-J", "hpcds-test-blocker", "-o", "/dev/null", "--wrap=sleep 300"]
-        )
-    )
+    # n1 is held whole (--exclusive: a 1-CPU blocker leaves room beside it) when the run is submitted, so its first
+    # allocation lands on n2.
+    hold_n1 = ["sbatch", "--parsable", "--exclusive", "-w", "n1", "-J", "hpcds-test-blocker", "-o", "/dev/null"]
+    blocker = slurm.parse_sbatch_parsable(slurm.run([*hold_n1, "--wrap=sleep 300"]))
     job_id = None
     try:
         deadline = time.monotonic() + 60
