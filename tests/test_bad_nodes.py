@@ -231,3 +231,35 @@ def test_a_run_failing_on_n2_is_requeued_without_it_and_finishes_on_n1(slurm_clu
     assert status["excluded_nodes"] == ["n2"]
     nodes = json.loads(hpcds(runs_root, "status", "--nodes", "--json").stdout)
     assert [(n["node"], n["failures"]) for n in nodes] == [("n2", 1)]
+
+
+SUBMIT_QUICKSTART = [sys.executable, "-m", "hpcds", "submit", str(ROOT / "configs/quickstart.yaml")]
+
+
+def test_submit_leaves_out_the_nodes_earlier_runs_of_the_spec_excluded(tmp_path):
+    """A stand-in sbatch records its command line: the spec's own --exclude and the recently bad node both reach it;
+    an old record and another spec's run do not."""
+    runs_root, bin_dir = tmp_path / "runs", tmp_path / "bin"
+    now = time.time()
+    earlier = [("quickstart-20260101-000000", "n2", 60), ("quickstart-20250101-000000", "n5", 30 * 86400)]
+    for name, host, age_s in [*earlier, ("other-20260101-000000", "n4", 60)]:
+        (runs_root / name).mkdir(parents=True)
+        (runs_root / name / facts.META_FILE).write_text("{}")
+        record = {"time": now - age_s, "event": "node_excluded", "host": host, "reason": "failed"}
+        (runs_root / name / facts.BAD_NODES_FILE).write_text(json.dumps(record) + "\n")
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\necho "$*" >{tmp_path}/sbatch-args\necho 123\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HPCDS_RUNS_DIR": str(runs_root)}
+    done = subprocess.run(
+        [*SUBMIT_QUICKSTART, "--json", "--set", 'slurm.extra_sbatch=["--exclude=n3"]'],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "leaving out n2: excluded by earlier runs of quickstart within 7 days" in done.stderr
+    assert (tmp_path / "sbatch-args").read_text().split()[:2] == ["--parsable", "--exclude=n3,n2"]
+    (submitted,) = [e for e in runs.read_events(Path(json.loads(done.stdout)["run_dir"])) if e["event"] == "submitted"]
+    assert submitted["exclude"] == ["n3", "n2"]
