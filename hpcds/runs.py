@@ -179,23 +179,36 @@ def _lock(fd: int, wait_s: float) -> bool:
             return False
 
 
-def parse_events(data: str | bytes) -> list[dict[str, Any]]:
-    """Events from the log's contents; a torn or foreign line is skipped rather than failing `status`.
+def parse_json_lines(data: str | bytes) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file's contents, in order; a torn or foreign line is skipped rather than failing.
 
-    Whole logs (the usual case) parse as one JSON array, which is several times faster than line by line when
-    `status` reads thousands of runs; a log with a bad line falls back to parsing each line on its own.
+    Whole files (the usual case) parse as one JSON array, which is several times faster than line by line when
+    `status` reads thousands of runs; a file with a bad line falls back to parsing each line on its own.
     """
     raw = data.encode() if isinstance(data, str) else data
     try:
-        events = json.loads(b"[" + b",".join(line for line in raw.splitlines() if line.strip()) + b"]")
+        records = json.loads(b"[" + b",".join(line for line in raw.splitlines() if line.strip()) + b"]")
     except (json.JSONDecodeError, UnicodeDecodeError):
-        events = []
+        records = []
         for line in raw.decode(errors="replace").splitlines():
             try:
-                events.append(json.loads(line))
+                records.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-    return [e for e in events if isinstance(e, dict) and "event" in e]
+    return [r for r in records if isinstance(r, dict)]
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """parse_json_lines of a file; none when it does not exist."""
+    try:
+        return parse_json_lines(Path(path).read_bytes())
+    except FileNotFoundError:
+        return []
+
+
+def parse_events(data: str | bytes) -> list[dict[str, Any]]:
+    """Events from the log's contents (objects with an `event`), as parse_json_lines reads them."""
+    return [e for e in parse_json_lines(data) if "event" in e]
 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
@@ -207,10 +220,7 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
 
 def read_bad_nodes(run_dir: Path) -> list[dict[str, Any]]:
     """The nodes the run's batch script excluded (facts.BAD_NODES_FILE): host, reason, time, job id, restart."""
-    try:
-        return parse_events((Path(run_dir) / BAD_NODES_FILE).read_bytes())
-    except FileNotFoundError:
-        return []
+    return read_json_lines(Path(run_dir) / BAD_NODES_FILE)
 
 
 def list_runs(root: Path) -> list[Path]:

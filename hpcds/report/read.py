@@ -7,9 +7,7 @@ allocation that is still running.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from hpcds import runs
 from hpcds.errors import HpcdsError
@@ -17,23 +15,6 @@ from hpcds.facts import HEARTBEAT_DIR, LOSSES_FILE, PROGRESS_FILE, SPEC_FILE
 from hpcds.plan import count_params, flops_per_token
 from hpcds.plan.gpus import gpu_entry, known_gpu_names
 from hpcds.report.core import RunFacts, RunReport, build_report
-
-
-def read_losses(path: Path) -> list[dict[str, Any]]:
-    """losses.jsonl's records in file order; a torn last line (rank 0 killed mid-write) is skipped."""
-    records = []
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def run_facts(run_dir: Path, gpu_name: str | None) -> RunFacts:
@@ -73,7 +54,7 @@ def read_report(run_dir: Path, gpu_name: str | None = None) -> RunReport:
         run_dir.name,
         runs.read_meta(run_dir),
         runs.read_events(run_dir),
-        read_losses(run_dir / LOSSES_FILE),
+        runs.read_json_lines(run_dir / LOSSES_FILE),  # a torn last line (rank 0 killed mid-write) is skipped
         facts,
         last_seen_time(run_dir),
     )
