@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from hpcds.errors import HpcdsError
 from hpcds.spec import LoraSpec, ModelSpec
-from hpcds.train.kernels import select_kernels
-from hpcds.train.models import build_model, enable_activation_checkpointing, kernel_path
+from hpcds.train.kernels import describe_kernels, select_kernels
+from hpcds.train.models import build_model, enable_activation_checkpointing
 
 VOCAB = 64
 TINY = {
@@ -107,7 +107,7 @@ def test_shapes_follow_the_spec():
 def test_mamba_on_cpu_uses_the_mambapy_scan_and_says_so():
     chosen = select_kernels(spec("mamba"), "fp32")
     assert chosen.path == "reference" and chosen.mambapy and "mambapy" in chosen.detail
-    assert kernel_path(spec("mamba")) == chosen.detail
+    assert describe_kernels(spec("mamba")) == chosen.detail
     model = build_model(spec("mamba"), seed=0, mambapy=chosen.mambapy)
     assert model.config.use_mambapy
     assert select_kernels(spec("mamba2"), "fp32").path == "reference"

@@ -87,7 +87,7 @@ def train_steps(spec, max_steps: int, measure_s: float) -> tuple[list[float], ob
 def speed(config: str, budget_s: float) -> dict:
     """tokens/s of one model, fused kernels or not (`-unfused`: part.py hid mamba-ssm and causal-conv1d)."""
     from hpcds.plan import plan_job
-    from hpcds.train.models import kernel_path
+    from hpcds.train.kernels import describe_kernels
 
     model = config.removesuffix("-unfused")
     spec = engine_spec(model, micro=MICRO_BATCH.get(config, 4))
@@ -98,7 +98,7 @@ def speed(config: str, budget_s: float) -> dict:
     tokens_per_step = spec.training.micro_batch_size * SEQ_LEN
     return {
         "model": model,
-        "kernels": kernel_path(spec.model),
+        "kernels": describe_kernels(spec.model, spec.training.precision),
         "micro_batch": spec.training.micro_batch_size,
         "seq_len": SEQ_LEN,
         "steps_timed": len(times_s) - warmup,

@@ -18,13 +18,6 @@ from pathlib import Path
 from hpcds.errors import HpcdsError
 
 
-def kernel_path(model, precision: str = "fp32") -> str:
-    """One line for a report: which implementation the model's hot loop runs on (hpcds.train.kernels decides)."""
-    from hpcds.train.kernels import describe_kernels
-
-    return describe_kernels(model, precision)
-
-
 def _no_dropout(config) -> None:
     for key, value in list(config.to_dict().items()):
         if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
