@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass
 from hpcds.durations import parse_slurm_time_s
 
 # squeue -O fields, each followed by '|' (a field with a suffix and no width is printed whole; without one it is cut
-# to 20 characters). Name is last so a '|' in a job name cannot shift the other columns.
-SQUEUE_FIELDS = ("JobID", "State", "Reason", "NodeList", "NumNodes", "TimeUsed", "TimeLimit", "RestartCnt")
+# to 20 characters). Name is last so a '|' in a job name cannot shift the other columns. JobArrayID is a plain job's
+# id, and `<array job id>_<task>` for a task of a job array (the tasks still pending together: `123_[2-5%2]`).
+SQUEUE_FIELDS = ("JobArrayID", "State", "Reason", "NodeList", "NumNodes", "TimeUsed", "TimeLimit", "RestartCnt")
 SQUEUE_FIELDS += ("Partition", "StartTime", "Name")
 SQUEUE_FORMAT = ",".join(f"{field}:|" for field in SQUEUE_FIELDS)
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "Start", "End", "NodeList", "Elapsed")
@@ -50,22 +51,40 @@ def parse_squeue(text: str) -> list[JobState]:
         if len(cells) != len(SQUEUE_FIELDS):
             raise ValueError(f"unexpected squeue line (wanted {len(SQUEUE_FIELDS)} fields): {line!r}")
         row = dict(zip(SQUEUE_FIELDS, (c.strip() for c in cells), strict=True))
-        jobs.append(
-            JobState(
-                job_id=row["JobID"],
-                state=row["State"],
-                reason=row["Reason"] if row["Reason"] != "None" else "",
-                nodelist=row["NodeList"],
-                num_nodes=int(row["NumNodes"]) if row["NumNodes"].isdigit() else None,
-                elapsed_s=parse_slurm_time_s(row["TimeUsed"]),
-                time_limit_s=parse_slurm_time_s(row["TimeLimit"]),
-                restarts=int(row["RestartCnt"]) if row["RestartCnt"].isdigit() else 0,
-                partition=row["Partition"],
-                start_time=_none_if_na(row["StartTime"]),
-                name=row["Name"],
+        for job_id in array_task_ids(row["JobArrayID"]):
+            jobs.append(
+                JobState(
+                    job_id=job_id,
+                    state=row["State"],
+                    reason=row["Reason"] if row["Reason"] != "None" else "",
+                    nodelist=row["NodeList"],
+                    num_nodes=int(row["NumNodes"]) if row["NumNodes"].isdigit() else None,
+                    elapsed_s=parse_slurm_time_s(row["TimeUsed"]),
+                    time_limit_s=parse_slurm_time_s(row["TimeLimit"]),
+                    restarts=int(row["RestartCnt"]) if row["RestartCnt"].isdigit() else 0,
+                    partition=row["Partition"],
+                    start_time=_none_if_na(row["StartTime"]),
+                    name=row["Name"],
+                )
             )
-        )
     return jobs
+
+
+def array_task_ids(job_id: str) -> list[str]:
+    """squeue's id of one row as the ids of the jobs it stands for: `123` and `123_4` as they are, the tasks of a job
+    array still pending together (`123_[2-5,8%2]`: tasks 2 to 5 and 8, at most 2 at once) one `123_<task>` each,
+    as `--array` (`squeue -r`) would list them. No I/O here."""
+    array, sep, tasks = job_id.partition("_[")
+    if not sep or not tasks.endswith("]"):
+        return [job_id]
+    ids = []
+    for part in tasks[:-1].split("%")[0].split(","):
+        span, _, step = part.partition(":")
+        first, _, last = span.partition("-")
+        if not first.isdigit() or not (last or first).isdigit() or not (step or "1").isdigit():
+            return [job_id]
+        ids += [f"{array}_{task}" for task in range(int(first), int(last or first) + 1, int(step or 1) or 1)]
+    return ids
 
 
 def parse_sbatch_parsable(text: str) -> str:

@@ -28,6 +28,13 @@ squeue --noheader --states=all -O "$fields" >"$here/squeue_all.txt"
 scontrol show hostnames 'n[1-2]' >"$here/scontrol_show_hostnames.txt"
 scontrol show config >"$here/scontrol_show_config.txt"
 sacct -j "$ok" >"$here/sacct_disabled.txt" 2>&1 || true
-scancel "$requeued" "$running" "$pending"
+# A job array of 5 tasks, at most 2 at once: two tasks running, the other three pending together in one row.
+array=$(sbatch --parsable --array=0-4%2 -J sweep-capture -o /dev/null --wrap 'sleep 20')
+for _ in $(seq 60); do
+	[[ $(squeue --noheader -r -j "$array" -t R | wc -l) == 2 ]] && break
+	sleep 0.5
+done
+squeue --noheader --states=all -j "$array" -O "$fields" >"$here/squeue_array.txt"
+scancel "$requeued" "$running" "$pending" "$array"
 rm -rf "$work"
 echo "captured jobs $ok..$pending into $here"
