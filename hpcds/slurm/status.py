@@ -53,6 +53,7 @@ class StatusRow:
     ending: str | None = None  # class of the last allocation's end: finished, requeued, terminated, failed, hung
     error: str | None = None  # the first error of the last allocation (the exception's last line), if it had one
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per allocation (see job_history)
+    sweep: str | None = None  # the sweep (`hpcds sweep`) whose job array task this run is
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +67,16 @@ def latest_job_id(meta: Mapping[str, Any], events: list[dict[str, Any]]) -> str 
     job_ids = [str(j) for j in meta.get("job_ids") or []]
     job_ids += [str(e["job_id"]) for e in events if e.get("event") == "submitted" and e.get("job_id")]
     return job_ids[-1] if job_ids else None
+
+
+def allocation_job_id(job_id: str | None, events: list[dict[str, Any]]) -> str | None:
+    """The id an array task's own events carry. A sweep's run knows its task as `123_4`; once the task starts Slurm
+    gives it its own job id (SLURM_JOB_ID, kept across requeues), which the batch script, launcher and trainer log,
+    and the batch script's `started` event names the task beside it (`array_task`). Any other id as it is."""
+    if job_id is None or "_" not in job_id:
+        return job_id
+    ids = [str(e["job_id"]) for e in events if e["event"] == "started" and e.get("array_task") == job_id]
+    return ids[-1] if ids else job_id
 
 
 def same_job(job: JobState, job_id: str, events: list[dict[str, Any]]) -> bool:
@@ -241,6 +252,8 @@ def run_status(
     row = StatusRow(name=name, wandb_id=meta.get("wandb_id"))
     job_id = latest_job_id(meta, events)
     row.job_id = job_id
+    own = allocation_job_id(job_id, events)  # the id in the events (an array task's own)
+    row.sweep = next((e["sweep"] for e in reversed(events) if e["event"] == "submitted" and e.get("sweep")), None)
     newest_beat = max((_as_float(b.get("time")) or 0.0 for b in heartbeats.values()), default=0.0)
     progress_time = _as_float((progress or {}).get("time")) or 0.0
     fresh_age_s = now - max(newest_beat, progress_time) if max(newest_beat, progress_time) > 0 else None
@@ -254,30 +267,30 @@ def run_status(
         row.reason, row.nodes, row.restarts = job.reason, job.nodelist, job.restarts
         row.elapsed_s, row.time_limit_s = job.elapsed_s, job.time_limit_s
         if job.state in ("FAILED", "COMPLETED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL"):
-            row.exit_code = state_from_events(job_id, events)[2]
+            row.exit_code = state_from_events(own, events)[2]
     elif job_id and accounting and job_id in accounting:
         row.source = "sacct"
         record = accounting[job_id]
         row.state = record.get("State", "UNKNOWN").split()[0]  # "CANCELLED by 0" -> CANCELLED
         row.exit_code = parse_exit_code(record.get("ExitCode", ""))[0]
         row.nodes = record.get("NodeList", "")
-        row.restarts = _restarts_from_events(job_id, events)
+        row.restarts = _restarts_from_events(own, events)
     elif job_id:
-        row.state, row.reason, row.exit_code = state_from_events(job_id, events)
+        row.state, row.reason, row.exit_code = state_from_events(own, events)
         if jobs is not None and row.state in ("PENDING", "RUNNING"):
             # Slurm answered and does not know the job, yet its log never saw it end: it died with its node or
             # its batch shell was killed outright. Only accounting could tell more.
             row.state = "UNKNOWN"
             row.reason = f"Slurm no longer knows job {job_id} and the run's log has no exit for it"
-        row.restarts = _restarts_from_events(job_id, events)
-        row.nodes = _last_nodes(job_id, events)
-        row.elapsed_s = _last_run_time_s(job_id, events)
+        row.restarts = _restarts_from_events(own, events)
+        row.nodes = _last_nodes(own, events)
+        row.elapsed_s = _last_run_time_s(own, events)
     elif meta.get("local"):
         row.state, row.reason = local_state(events, fresh_age_s)
     else:
         row.state, row.reason = "NOT_SUBMITTED", "created with --dry-run"
     if job_id:
-        row.history = job_history(job_id, events)
+        row.history = job_history(own, events)
         last = row.history[-1] if row.history else {}
         row.ending, row.error = last.get("ending"), last.get("error")
         row.excluded_nodes = sorted({host for entry in row.history for host in entry.get("excluded", ())})
@@ -297,7 +310,7 @@ def run_status(
         row.wandb_url = progress.get("wandb_url")
         row.wandb_dir = progress.get("wandb_dir")
     if job_id:  # squeue may know of a restart before the batch script has logged it, or the other way round
-        heartbeats = current_heartbeats(heartbeats, job_id, max(row.restarts, _restarts_from_events(job_id, events)))
+        heartbeats = current_heartbeats(heartbeats, own, max(row.restarts, _restarts_from_events(own, events)))
     if heartbeats:
         row.heartbeat_age_s = round(now - min(_as_float(b.get("time")) or 0.0 for b in heartbeats.values()), 1)
         if row.state == "RUNNING":
