@@ -15,6 +15,10 @@ EXIT_REQUEUE = 75
 # Exit code of an `hpcds launch` whose node failed its pre-flight check (EX_UNAVAILABLE): the batch script excludes
 # the node and requeues the job (`preflight` events with `ok: false` name the nodes).
 EXIT_UNHEALTHY = 69
+# Exit code of an `hpcds launch` that found other versions or code than the run was submitted with, under
+# slurm.on_version_change: fail (EX_CONFIG): the batch script ends the job without a requeue (another allocation would
+# find the same). Its `environment_changed` event names each change.
+EXIT_ENVIRONMENT_CHANGED = 78
 
 # Slurm's warning before the time limit (`--signal=USR2@lead`). Not USR1: NCCL uses USR1 internally on some versions.
 WARNING_SIGNAL = "USR2"
@@ -61,6 +65,7 @@ def template_facts() -> dict[str, object]:
     return {
         "exit_requeue": EXIT_REQUEUE,
         "exit_unhealthy": EXIT_UNHEALTHY,
+        "exit_environment_changed": EXIT_ENVIRONMENT_CHANGED,
         "warning_signal": WARNING_SIGNAL,
         "events_file": EVENTS_FILE,
         "heartbeat_dir": HEARTBEAT_DIR,

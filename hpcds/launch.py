@@ -28,6 +28,7 @@ from pathlib import Path
 from hpcds import __version__, runs
 from hpcds.errors import CommandError, HpcdsError
 from hpcds.facts import (
+    EXIT_ENVIRONMENT_CHANGED,
     EXIT_UNHEALTHY,
     MASTER_ADDR_ENV,
     MASTER_PORT_ENV,
@@ -193,6 +194,40 @@ def preflight_node(
         raise SystemExit(EXIT_UNHEALTHY)
 
 
+def check_environment(run_dir: Path, spec, host: str, job_id: str, restart: int) -> None:
+    """Compare what this node runs with (hpcds code and version, torch, DeepSpeed, transformers, mamba-ssm,
+    causal-conv1d, python) with what submit recorded in meta.json; a change is logged (`environment_changed`) and
+    printed, and under slurm.on_version_change: fail ends this node with EXIT_ENVIRONMENT_CHANGED before DeepSpeed
+    starts. With slurm.snapshot the code must come from the run's copy."""
+    from hpcds import snapshot, versions
+
+    here, copy = versions.package_dir(), snapshot.snapshot_package(run_dir)
+    if spec.slurm.snapshot and here.resolve() != copy.resolve():
+        raise HpcdsError(
+            f"slurm.snapshot: this run's hpcds is the copy in {copy}, but {host} runs hpcds from {here}. "
+            f"hint: the batch script puts {copy.parent} first on PYTHONPATH; was the copy removed or PYTHONPATH reset "
+            "in slurm.setup?"
+        )
+    changed = versions.changes(runs.read_meta(run_dir), versions.current_record())
+    if not changed:
+        return
+    action = spec.slurm.on_version_change
+    runs.append_event(
+        run_dir, "environment_changed", job_id=job_id, restart=restart, host=host, action=action, changed=changed
+    )
+    what = f"{host} runs other code or versions than the run was submitted with: {versions.render_changes(changed)}"
+    if action == "fail":
+        print(
+            f"hpcds launch: {what}. slurm.on_version_change is fail, so the job ends here without a requeue.\n"
+            "  hint: reinstall what the run was submitted with (meta.json: versions, python_executable), or "
+            "resubmit the spec as a new run",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(EXIT_ENVIRONMENT_CHANGED)
+    print(f"hpcds launch: warning: {what} (slurm.on_version_change: warn, training goes on)", file=sys.stderr)
+
+
 def _train_env(base: Mapping[str, str], gpu: bool, local: bool = False) -> dict[str, str]:
     env = dict(base)
     if not gpu:
@@ -227,6 +262,8 @@ def launch_node(run_dir: Path, env: Mapping[str, str] | None = None) -> None:
     gpu = spec.gpus_per_node > 0
     master_addr = env.get(MASTER_ADDR_ENV) or hosts[0]
     restart = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    if spec.container is None:  # in a container the image pins what runs (and version_mismatch compares hpcds)
+        check_environment(run_dir, job_spec, hosts[node_rank], job_id, restart)
     if spec.preflight and env.get(PREFLIGHT_ENV, "1") != "0":
         preflight_node(run_dir, job_spec, hosts, node_rank, master_addr, rendezvous_port(env) + 1, job_id, restart)
     hostfile = run_dir / f"hostfile-{job_id}"
@@ -241,6 +278,7 @@ def launch_node(run_dir: Path, env: Mapping[str, str] | None = None) -> None:
         deepspeed=_deepspeed_executable(),
     )
     where = {"host": hosts[node_rank], "node_rank": node_rank, "mnt_ns": _mount_namespace()}
+    where["hpcds_path"] = str(Path(__file__).absolute().parent)  # a snapshot's copy, or what is installed
     runs.append_event(run_dir, "launch", job_id=job_id, restart=restart, version=__version__, **where, argv=argv)
     outside = env.get(OUTSIDE_VERSION_ENV)
     if outside and outside != __version__:

@@ -23,6 +23,7 @@ from typing import Any
 
 from hpcds.errors import HpcdsError
 from hpcds.facts import BAD_NODES_FILE, EVENTS_FILE, META_FILE
+from hpcds.versions import current_record
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -74,15 +75,9 @@ def new_wandb_id() -> str:
 
 def package_versions() -> dict[str, str | None]:
     """Versions from package metadata: cheap, and does not import torch or deepspeed on a login node."""
-    from importlib import metadata  # here, not at the top: importing it costs `hpcds status` a tenth of its start-up
+    from hpcds.versions import package_versions
 
-    found: dict[str, str | None] = {}
-    for package in ("hpcds", "torch", "deepspeed", "transformers"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
+    return package_versions()
 
 
 def create_run(root: Path, prefix: str, files_for: Callable[[Path], dict[str, str]], meta: dict[str, Any]) -> Path:
@@ -107,7 +102,9 @@ def create_run(root: Path, prefix: str, files_for: Callable[[Path], dict[str, st
             for rel, text in files_for(final).items():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / rel).write_text(text)
-            full_meta = {"name": name, "created": time.time(), "versions": package_versions(), "job_ids": [], **meta}
+            # What the job's every start compares with (hpcds.versions): versions, python, hpcds's code.
+            recorded = current_record()
+            full_meta = {"name": name, "created": time.time(), **recorded, "job_ids": [], **meta}
             (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True, default=str) + "\n")
             (tmp / EVENTS_FILE).touch()
             os.rename(tmp, final)

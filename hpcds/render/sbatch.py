@@ -39,6 +39,11 @@ RESERVED_ENV = frozenset(
 _SBATCH_SPECIAL = re.compile(r"[\s\"'\\#]")
 
 
+# Compiled templates kept between processes: the command line sets a jinja2 bytecode cache here before the first render
+# (hpcds.cli.template_cache); the render layer itself reads and writes no files. None: compiled once per process.
+bytecode_cache: Any = None
+
+
 @cache
 def _templates() -> jinja2.Environment:
     import jinja2
@@ -50,16 +55,18 @@ def _templates() -> jinja2.Environment:
         keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined,
         autoescape=False,
+        bytecode_cache=bytecode_cache,
     )
 
 
-def hpcds_command() -> list[str]:
+def hpcds_command(snapshot: bool = False) -> list[str]:
     """How a batch job runs this hpcds without the virtual environment activated: the console script next to the
     running interpreter, else `python -m hpcds` with that interpreter. (Paths are not resolved: a venv's python is a
-    symlink whose target would lose the environment.)"""
+    symlink whose target would lose the environment.) With `snapshot` always `python -m hpcds`, which imports hpcds
+    from the run's copy that the batch script puts first on PYTHONPATH."""
     bin_dir = Path(sys.executable).parent
     script = bin_dir / "hpcds"
-    if script.is_file() and os.access(script, os.X_OK):
+    if not snapshot and script.is_file() and os.access(script, os.X_OK):
         return [str(script.absolute())]
     return [str(Path(sys.executable).absolute()), "-m", "hpcds"]
 
@@ -214,16 +221,31 @@ def _master_interface(slurm) -> str | None:
     return named if re.fullmatch(r"[A-Za-z0-9_.:-]+", named) else ""
 
 
-def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = "hpcds") -> str:
+def render_sbatch(
+    spec: JobSpec,
+    run_dir: str,
+    hpcds_cmd: str | Sequence[str] = "hpcds",
+    *,
+    array_tasks: Sequence[str] = (),
+    max_parallel: int | None = None,
+) -> str:
     """The batch script of the run whose directory is `run_dir` (absolute; the output file goes there too).
 
     `hpcds_cmd` is the hpcds the job runs; the default keeps generated text machine-independent (tests, templates),
     and the code that creates a run directory passes `hpcds_command()`.
+
+    With `array_tasks` (run directories, one per task) the script is a sweep's job array, `--array=0-N[%max_parallel]`,
+    and `run_dir` the sweep folder: task i runs in `array_tasks[i]`, its output reaches it through `run_dir/t<i>`
+    (a link the caller makes), and scontrol acts on `<array job>_<task>`.
     """
     problems = _sbatch_problems(spec)
     if problems:
         raise SpecError(problems)
     run_dir = check_run_dir(run_dir)
+    tasks = [check_run_dir(task_dir) for task_dir in array_tasks]
+    array = f"0-{len(tasks) - 1}" + (f"%{int(max_parallel)}" if max_parallel else "") if tasks else ""
+    # The container sees the runs folder, which holds every task's run directory beside the sweep folder.
+    bound_dir = os.path.dirname(run_dir.rstrip("/")) if tasks else run_dir
     slurm = spec.slurm
     resources = []
     if slurm.cpus_per_task is not None:
@@ -244,6 +266,9 @@ def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = 
             **template_facts(),
             version=__version__,
             run_name=os.path.basename(run_dir.rstrip("/")),
+            array=array,
+            array_tasks=[(index, shlex.quote(task_dir)) for index, task_dir in enumerate(tasks)],
+            job_ref="$array_task" if tasks else "$SLURM_JOB_ID",
             job_name=spec.name,
             nodes=slurm.nodes,
             gpus_per_node=slurm.gpus_per_node,
@@ -251,12 +276,13 @@ def render_sbatch(spec: JobSpec, run_dir: str, hpcds_cmd: str | Sequence[str] = 
             # Slurm 22.05-23.02 srun ignores SLURM_CPUS_PER_TASK: without this the launcher, every rank and DeepSpeed's
             # CPU Adam share one core under a binding TaskPlugin (task/affinity, task/cgroup).
             srun_cpus=f" --cpus-per-task={slurm.cpus_per_task}" if slurm.cpus_per_task is not None else "",
-            step_words="".join(f" {shlex.quote(arg)}" for arg in [*slurm.srun_args, *container_words(spec, run_dir)]),
+            step_words="".join(f" {shlex.quote(arg)}" for arg in [*slurm.srun_args, *container_words(spec, bound_dir)]),
             container=slurm.container is not None,
+            snapshot=slurm.snapshot,
             master_interface=_master_interface(slurm),
             gpu_request=slurm.gpu_request,
             signal_lead_s=slurm.signal_lead_s,
-            output_path=f"{run_dir.rstrip('/') or '/'}/slurm-%j.out",
+            output_path=f"{run_dir.rstrip('/') or '/'}/{'t%a/' if tasks else ''}slurm-%j.out",
             extra_sbatch=list(slurm.extra_sbatch),
             run_dir_q=shlex.quote(run_dir),
             setup=list(slurm.setup),

@@ -184,6 +184,17 @@ class SlurmSpec(Strict):
         "memory and /dev/shm for the plan, GPUs, a gloo all-reduce between the nodes); a failing node exits 69 "
         "(docs/multinode.md). HPCDS_PREFLIGHT=0 in the environment also skips it.",
     )
+    on_version_change: Literal["warn", "fail"] = Field(
+        "warn",
+        description="At every start of the job, each node compares its hpcds code and version, torch, DeepSpeed, "
+        "transformers, mamba-ssm, causal-conv1d and python with what submit recorded in meta.json: warn logs the "
+        "change and trains on; fail ends the job (exit 78) without a requeue (docs/jobs.md).",
+    )
+    snapshot: bool = Field(
+        False,
+        description="Copy the hpcds package into the run directory at submit (RUN_DIR/snapshot) and run the job "
+        "from the copy, so an upgrade of hpcds after submit does not change the run's requeues.",
+    )
     exclude_bad_nodes: bool = Field(
         True,
         description="Requeue a failed or hung job without the node its evidence points at (a failed pre-flight "
@@ -270,6 +281,15 @@ class SlurmSpec(Strict):
                             "keep one of them",
                         )
                     )
+        if self.snapshot and self.container is not None:
+            _problems(info).append(
+                Problem(
+                    "slurm.snapshot",
+                    "runs the copy with the python outside, but with slurm.container the job step runs the image's "
+                    "python and hpcds",
+                    "pin hpcds in the image instead (slurm.container.hpcds), or leave out one of the two",
+                )
+            )
         if self.signal_lead_s >= self.time_limit_s:
             _problems(info).append(
                 Problem(
