@@ -12,6 +12,7 @@ from hpcds.plan.memory import (
     flops_per_token,
     model_state_bytes,
     parse_mem_bytes,
+    snapshot_bytes_per_node,
     zero_buckets,
 )
 from hpcds.plan.params import ParamCount, count_params
@@ -19,6 +20,7 @@ from hpcds.plan.strategy import (
     STRATEGY_ORDER,
     Plan,
     PlanRow,
+    async_save_verdict,
     lead_needed_s,
     lead_shortfall,
     misfit,
@@ -35,6 +37,7 @@ __all__ = [
     "PlanRow",
     "Strategy",
     "activation_bytes",
+    "async_save_verdict",
     "bucket_bytes",
     "checkpoint_bytes",
     "checkpoint_save_s",
@@ -48,5 +51,6 @@ __all__ = [
     "pin_strategy",
     "plan_job",
     "refusals",
+    "snapshot_bytes_per_node",
     "zero_buckets",
 ]

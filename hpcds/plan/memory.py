@@ -235,6 +235,17 @@ def checkpoint_bytes(params: ParamCount, precision: str) -> int:
     return params.total * w + params.trainable * (4 + 8)
 
 
+def snapshot_bytes_per_node(params: ParamCount, precision: str, stage: int, ranks_per_node: int, nodes: int) -> int:
+    """Host memory an asynchronous save's copy holds on the node of rank 0, the fullest: what its ranks write of one
+    checkpoint (`checkpoint_bytes`): the weights whole (rank 0 writes them below ZeRO-3; under it each rank its
+    partition) and the optimizer states, from rank 0 alone under ZeRO-0 and partitioned over every rank above it."""
+    w = 2 if precision in ("bf16", "fp16") else 4
+    share = ranks_per_node / max(1, ranks_per_node * nodes)
+    weights = params.total * w * (share if stage == 3 else 1)
+    optimizer = params.trainable * (4 + 8) * (share if stage >= 1 else 1)
+    return int(weights + optimizer)
+
+
 def checkpoint_save_s(size_bytes: int, bandwidth_gb_s: float = CHECKPOINT_BANDWIDTH_GB_S) -> float:
     """Seconds to write `size_bytes` at an aggregate bandwidth in GB/s (10^9 bytes)."""
     return size_bytes / (bandwidth_gb_s * 1e9)

@@ -21,6 +21,7 @@ from hpcds.plan.memory import (
     flops_per_token,
     model_state_bytes,
     parse_mem_bytes,
+    snapshot_bytes_per_node,
 )
 from hpcds.plan.params import ParamCount, count_params
 from hpcds.spec import JobSpec
@@ -52,6 +53,8 @@ class PlanRow:
     usable_bytes: int  # GPU memory minus headroom
     cpu_fits: bool = True
     buffers_bytes: int = 0  # DeepSpeed's gradient communication buckets
+    # The asynchronous save's host copy, counted in cpu_bytes_per_node; 0 where saves stay synchronous.
+    snapshot_bytes_per_node: int = 0
 
     @property
     def model_state_bytes(self) -> int:
@@ -83,6 +86,7 @@ class PlanRow:
             "buffers_bytes": self.buffers_bytes,
             "total_bytes": self.total_bytes,
             "cpu_bytes_per_node": self.cpu_bytes_per_node,
+            "snapshot_bytes_per_node": self.snapshot_bytes_per_node,
             "headroom_bytes": self.headroom_bytes,
             "fits": self.fits,
         }
@@ -102,6 +106,8 @@ class Plan:
     nodes: int
     checkpoint_bytes: int
     notes: list[str] = field(default_factory=list)
+    async_save: bool = False  # periodic saves in the background, for the spec's (or the recommended) strategy
+    async_save_reason: str = ""
 
     def row(self, strategy: Strategy) -> PlanRow:
         return next(r for r in self.rows if r.strategy == strategy)
@@ -119,6 +125,8 @@ class Plan:
             "nodes": self.nodes,
             "checkpoint_bytes": self.checkpoint_bytes,
             "checkpoint_save_s": checkpoint_save_s(self.checkpoint_bytes),
+            "async_save": self.async_save,
+            "async_save_reason": self.async_save_reason,
             "strategies": [r.to_dict() for r in self.rows],
             "recommended": self.recommended.to_dict() if self.recommended else None,
             "chosen": self.chosen.to_dict() if self.chosen else None,
@@ -139,17 +147,26 @@ def plan_job(spec: JobSpec, gpu_mem_gb: float | None = None) -> Plan:
     gpus, nodes = spec.slurm.ranks, spec.slurm.nodes
     node_mem = parse_mem_bytes(spec.slurm.mem)
     rows = []
+    verdicts = {}
     for strategy in STRATEGY_ORDER:
         p, g, o, cpu = model_state_bytes(strategy, params, gpus, nodes, precision)
         cpu_fits = node_mem is None or cpu <= node_mem
         buffers = bucket_bytes(spec, strategy, params)
-        rows.append(PlanRow(strategy, p, g, o, acts, cpu, usable, cpu_fits, buffers))
+        # CPU ranks hold their model states in host memory too.
+        host = cpu + ((p + g + o) * gpus if spec.slurm.gpus_per_node == 0 else 0)
+        snapshot = snapshot_bytes_per_node(params, precision, strategy.stage, gpus, nodes)
+        verdicts[strategy] = verdict = async_save_verdict(spec, host, snapshot, node_mem)
+        snapshot = snapshot if verdict[0] else 0
+        rows.append(PlanRow(strategy, p, g, o, acts, cpu + snapshot, usable, cpu_fits, buffers, snapshot))
     allowed = [r for r in rows if _allowed(spec, r.strategy)]
     recommended = next((r for r in allowed if r.fits), None)
     ds = spec.deepspeed
     fixed = Strategy(ds.zero_stage, ds.offload_optimizer != "none", ds.offload_params != "none")
     chosen = next((r for r in rows if r.strategy == fixed), None) if ds.zero_stage != "auto" else None
     notes = []
+    row = chosen or recommended
+    async_on, async_reason = verdicts[row.strategy] if row else (False, "no strategy fits: no plan for saves")
+    notes.append(async_reason)
     if spec.model.layout in SSM_LAYOUTS:
         notes.append(
             "Mamba activations assume the fused kernels (pip install 'hpcds[gpu]'); the reference path keeps more"
@@ -167,7 +184,31 @@ def plan_job(spec: JobSpec, gpu_mem_gb: float | None = None) -> Plan:
         nodes=nodes,
         checkpoint_bytes=checkpoint_bytes(params, precision),
         notes=notes,
+        async_save=async_on,
+        async_save_reason=async_reason,
     )
+
+
+def async_save_verdict(spec: JobSpec, host_bytes: int, snapshot_bytes: int, node_mem: int | None) -> tuple[bool, str]:
+    """Whether periodic saves run in the background, and why, for one strategy: `host_bytes` is what the run already
+    holds in a node's memory, `snapshot_bytes` the copy an asynchronous save adds (`snapshot_bytes_per_node`)."""
+    wanted = spec.checkpoint.async_save
+    if wanted is False:
+        return False, "checkpoint.async_save is false: periodic saves block training for the whole write"
+    if spec.deepspeed.offload_optimizer == "nvme":
+        return False, (
+            "periodic saves are synchronous: with the optimizer on NVMe, DeepSpeed copies its swap files inside the "
+            "save itself"
+        )
+    copy = f"{snapshot_bytes / GIB:.1f} GiB"
+    if node_mem is not None and host_bytes + snapshot_bytes > node_mem:
+        return False, (
+            f"periodic saves are synchronous: an asynchronous save's host copy ({copy} per node) beside the run's "
+            f"{host_bytes / GIB:.1f} GiB does not fit slurm.mem ({node_mem / GIB:.0f} GiB)"
+            + ("; checkpoint.async_save: true is refused" if wanted is True else "")
+        )
+    where = f"within slurm.mem {node_mem / GIB:.0f} GiB" if node_mem is not None else "checked at start"
+    return True, f"periodic saves are asynchronous: a {copy} host copy per node ({where})"
 
 
 def _allowed(spec: JobSpec, strategy: Strategy) -> bool:
@@ -200,13 +241,18 @@ def pin_strategy(spec: JobSpec) -> JobSpec:
 
 
 def refusals(spec: JobSpec) -> list[str]:
-    """What the planner refuses in a pinned spec, from one plan: a strategy that does not fit its GPUs (`misfit`), a
-    warning lead too short for a save (`lead_shortfall`). Specs for CPU ranks are not judged: the table is GPU memory,
-    and such specs (tests, local debugging) may have no planned shape."""
-    if not _judged(spec):
-        return []
+    """What the planner refuses in a pinned spec, from one plan: checkpoint.async_save: true whose host copy does not
+    fit slurm.mem, a strategy that does not fit its GPUs (`misfit`), a warning lead too short for a save
+    (`lead_shortfall`). Specs for CPU ranks are judged on the first alone: the table is GPU memory, and such
+    specs (tests, local debugging) may have no planned shape."""
     plan = plan_job(spec)
-    return [why for why in (misfit(spec, plan), lead_shortfall(spec, plan)) if why is not None]
+    found = []
+    if spec.checkpoint.async_save is True and not plan.async_save:
+        hint = "hint: raise slurm.mem, or set checkpoint.async_save: auto (synchronous where the copy does not fit)"
+        found.append(f"checkpoint.async_save: {plan.async_save_reason}\n{hint}")
+    if not _judged(spec):
+        return found
+    return found + [why for why in (misfit(spec, plan), lead_shortfall(spec, plan)) if why is not None]
 
 
 def _judged(spec: JobSpec) -> bool:

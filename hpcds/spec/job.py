@@ -158,6 +158,12 @@ class CheckpointSpec(Strict):
         description="Write bandwidth of the checkpoint folder's file system in GB/s, all ranks together: the "
         "planner's save-time estimate, checked against slurm.signal_lead_s (1 is a shared file system's worst case).",
     )
+    async_save: Literal["auto", True, False] = Field(
+        "auto",
+        description="Periodic saves in the background: the state is copied to host memory at the step boundary and "
+        "written while training goes on; auto = on where the copy fits the node's memory (`hpcds plan` says which). "
+        "Saves on a stop signal and the final save are always synchronous.",
+    )
 
 
 class WandbSpec(Strict):
