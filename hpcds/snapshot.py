@@ -67,3 +67,13 @@ def write_snapshot(run_dir: Path, source: Path | None = None) -> dict[str, Any]:
     record["seconds"] = round(time.monotonic() - started, 3)
     runs.update_meta(run_dir, snapshot=record, hpcds_code=digest.hexdigest())
     return record
+
+
+def write_snapshot_of_new_run(run_dir: Path) -> dict[str, Any]:
+    """write_snapshot for a run directory `hpcds submit` has just created: when the copy fails, the run directory
+    (never submitted) goes too, as when sbatch refuses it."""
+    try:
+        return write_snapshot(run_dir)
+    except BaseException:
+        runs.remove_run(run_dir)
+        raise

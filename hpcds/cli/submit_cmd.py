@@ -59,15 +59,18 @@ def submit_run(spec, runs_root: Path, *, dry_run: bool = False, force: bool = Fa
     """Create the run directory and (unless dry_run) submit it; no run directory is left behind when sbatch fails."""
     from hpcds.cli.render_cmd import checked_run_files, record_forced
     from hpcds.render import hpcds_command, render_sbatch
+    from hpcds.snapshot import write_snapshot_of_new_run
 
     pinned, files, forced = checked_run_files(spec, force)
-    hpcds_cmd = hpcds_command()
+    hpcds_cmd = hpcds_command(snapshot=pinned.slurm.snapshot)
 
     def files_for(run_dir: Path) -> dict[str, str]:
         return {**files, facts.SCRIPT_FILE: render_sbatch(pinned, str(run_dir), hpcds_cmd)}
 
-    meta = {"wandb_id": runs.new_wandb_id(), "spec_name": spec.name}
+    meta = {"wandb_id": runs.new_wandb_id(), "spec_name": spec.name, "hpcds_command": hpcds_cmd}
     run_dir = runs.create_run(runs_root, pinned.name, files_for, meta=meta)
+    if pinned.slurm.snapshot:  # the copy of hpcds the job runs; the new run directory goes if it fails
+        write_snapshot_of_new_run(run_dir)
     record_forced(run_dir, forced)
     if dry_run:
         return run_dir, None
