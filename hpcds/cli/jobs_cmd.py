@@ -143,7 +143,7 @@ class StatusSource:
 
 
 COLUMNS = ("run", "job", "state", "reason", "nodes", "time", "restarts", "step", "loss", "tok/s", "checkpoint", "world")
-COLUMNS += ("w&b",)
+COLUMNS += ("versions changed", "w&b")
 STATE_STYLES = {"RUNNING": "green", "COMPLETED": "bold green", "FAILED": "bold red", "PENDING": "yellow"}
 STATE_STYLES |= {"REQUEUED": "yellow", "CANCELLED": "magenta", "TIMEOUT": "red", "PREEMPTED": "yellow"}
 
@@ -157,7 +157,7 @@ def render_table(rows: list[StatusRow]):
     columns = [c for c in COLUMNS if c in always or any(cell[c] not in ("-", "-/-") for cell in cells)]
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in columns:
-        wraps = column in ("reason", "w&b")
+        wraps = column in ("reason", "versions changed", "w&b")
         table.add_column(column.upper(), no_wrap=not wraps, overflow="fold" if wraps else "ellipsis")
     for row, cell in zip(rows, cells, strict=True):
         style = STATE_STYLES.get(row.state, "")

@@ -16,6 +16,7 @@ from typing import Any
 from hpcds.durations import format_slurm_duration
 from hpcds.facts import EXIT_REQUEUE
 from hpcds.slurm.parse import JobState, parse_exit_code
+from hpcds.versions import render_changes
 
 ACTIVE_STATES = frozenset({"PENDING", "REQUEUED", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "RESIZING"})
 ACTIVE_STATES |= {"REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
@@ -52,6 +53,8 @@ class StatusRow:
     source: str = "events"  # where the state came from: squeue, sacct, events
     ending: str | None = None  # class of the last allocation's end: finished, requeued, terminated, failed, hung
     error: str | None = None  # the first error of the last allocation (the exception's last line), if it had one
+    # {name: [at submit, now]}: what `hpcds launch` found changed at the last allocation's start (environment_changed)
+    versions_changed: dict[str, list[Any]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per allocation (see job_history)
     sweep: str | None = None  # the sweep (`hpcds sweep`) whose job array task this run is
 
@@ -152,6 +155,10 @@ def job_history(job_id: str, events: list[dict[str, Any]]) -> list[dict[str, Any
             current["error"] = str(event.get("message", ""))
         elif kind == "hung":
             current["error"] = f"hung: no heartbeat for {event.get('heartbeat_age_s')} s"
+        elif kind == "environment_changed" and isinstance(event.get("changed"), dict):
+            current["changed"] = {**current.get("changed", {}), **event["changed"]}
+            if event.get("action") == "fail" and not current["error"]:
+                current["error"] = f"versions changed since submit: {render_changes(event['changed'])} (fail)"
         elif kind == "exited":
             current["end"], current["rc"] = _as_float(event.get("time")), _as_int(event.get("rc"))
             fallback = {0: "finished", EXIT_REQUEUE: "requeued"}.get(
@@ -293,6 +300,7 @@ def run_status(
         row.history = job_history(own, events)
         last = row.history[-1] if row.history else {}
         row.ending, row.error = last.get("ending"), last.get("error")
+        row.versions_changed = last.get("changed") or {}
         row.excluded_nodes = sorted({host for entry in row.history for host in entry.get("excluded", ())})
         if row.error and row.state == "FAILED":
             row.reason = row.error.splitlines()[-1][:120]
@@ -382,6 +390,7 @@ def table_cells(row: StatusRow) -> dict[str, str]:
         "tok/s": dash(row.tokens_per_s, "{:.0f}"),
         "checkpoint": checkpoint,
         "world": dash(row.world_size),
+        "versions changed": render_changes(row.versions_changed) or "-",
         "w&b": wandb,
     }
 
