@@ -53,6 +53,11 @@ COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
         "submit",
         "Submit SPEC to Slurm as a new run (sbatch), creating its run directory.",
     ),
+    "sweep": (
+        "hpcds.cli.sweep_cmd",
+        "sweep",
+        "Submit SPEC once per point of a grid as one Slurm job array, one run directory per task.",
+    ),
     "status": (
         "hpcds.cli.jobs_cmd",
         "status",

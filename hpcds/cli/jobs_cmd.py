@@ -24,6 +24,7 @@ from hpcds.errors import HpcdsError
 from hpcds.slurm.status import (
     ACTIVE_STATES,
     StatusRow,
+    allocation_job_id,
     history_lines,
     latest_job_id,
     needs_accounting,
@@ -52,7 +53,8 @@ def read_run(run_dir: Path, jobs: dict[str, slurm.JobState]) -> dict[str, Any]:
     job_id = latest_job_id(meta, events)
     job = jobs.get(job_id) if job_id else None
     job = job if job is None or same_job(job, job_id, events) else None
-    ended = any(e["event"] in ("exited", "cancelled") and str(e.get("job_id")) == job_id for e in events)
+    own = allocation_job_id(job_id, events)  # an array task logs its own job id
+    ended = any(e["event"] in ("exited", "cancelled") and str(e.get("job_id")) == own for e in events)
     may_run = job.state in ACTIVE_STATES if job else (not ended or job_id is None)
     heartbeats = {}
     if may_run:
@@ -159,14 +161,22 @@ def render_table(rows: list[StatusRow]):
     for column in columns:
         wraps = column in ("reason", "versions changed", "w&b")
         table.add_column(column.upper(), no_wrap=not wraps, overflow="fold" if wraps else "ellipsis")
+    titles = {}
+    if any(row.sweep for row in rows):  # a sweep's tasks together, under one line for the sweep
+        from hpcds.cli.sweep_cmd import sweep_titles
+
+        rows, cells, titles = sweep_titles(rows, cells)
     for row, cell in zip(rows, cells, strict=True):
+        if id(row) in titles:
+            table.add_row(*[titles[id(row)].get(c, "") for c in columns], style="bold")
         style = STATE_STYLES.get(row.state, "")
         table.add_row(*[f"[{style}]{cell[c]}[/]" if c == "state" and style else cell[c] for c in columns])
     return table
 
 
 def select_runs(runs_root: Path, names: tuple[str, ...]) -> list[Path]:
-    """Runs by name or path; a bare prefix (`quickstart`) selects every run named `quickstart-<time>`."""
+    """Runs by name or path; a bare prefix (`quickstart`) selects every run named `quickstart-<time>`; a sweep's name
+    its tasks' runs."""
     if not names:
         return runs.list_runs(runs_root)
     selected: list[Path] = []
@@ -174,6 +184,11 @@ def select_runs(runs_root: Path, names: tuple[str, ...]) -> list[Path]:
         try:
             selected.append(runs.find_run(runs_root, name))
         except HpcdsError:
+            from hpcds.cli.sweep_cmd import sweep_runs
+
+            if tasks := sweep_runs(runs_root, name):
+                selected += tasks
+                continue
             matches = [p for p in runs.list_runs(runs_root) if p.name.startswith(f"{name}-")]
             if not matches:
                 raise
@@ -317,6 +332,10 @@ def _copy_from(path: Path, offset: int) -> int:
 @runs_root_option
 def cancel(name, runs_root: Path) -> None:
     """Cancel a run's Slurm job (scancel) and record it in the run's event log."""
+    from hpcds.cli.sweep_cmd import cancel_sweep
+
+    if cancel_sweep(runs_root, name):  # a sweep: its whole job array
+        return
     run_dir = select_run(runs_root, name)
     job_ids = runs.read_meta(run_dir).get("job_ids") or []
     if not job_ids:
@@ -327,7 +346,7 @@ def cancel(name, runs_root: Path) -> None:
     if row.source != "squeue" or not row.active:
         raise HpcdsError(f"run {run_dir.name}: job {job_id} is not pending or running ({row.state}); nothing to cancel")
     slurm.scancel(job_id)
-    runs.append_event(run_dir, "cancelled", job_id=job_id)
+    runs.append_event(run_dir, "cancelled", job_id=allocation_job_id(job_id, runs.read_events(run_dir)))
     console.print(f"cancelled job {job_id} of run {run_dir.name}")
 
 
