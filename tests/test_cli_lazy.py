@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,9 @@ except SystemExit as exc:
 else:
     code = 0
 watched = ("rich", "pydantic", "jinja2")
-loaded = sorted(m for m in sys.modules if m.startswith("hpcds.cli.") or m.split(".")[0] in watched)
+# Modules imported, not stand-ins put in sys.modules (hpcds.cli.skip_pydantic_plugin_scan's has no import spec).
+imported = [m for m, module in sys.modules.items() if getattr(module, "__spec__", None) is not None]
+loaded = sorted(m for m in imported if m.startswith("hpcds.cli.") or m.split(".")[0] in watched)
 sys.__stdout__.write("\\nLOADED=" + json.dumps([code, loaded]) + "\\n")
 """
 
@@ -93,7 +96,10 @@ sys.__stdout__.write("\\nLOADED=" + json.dumps([code, loaded]) + "\\n")
     [
         (["--help"], []),
         (["--version"], []),
-        (["render", "configs/quickstart.yaml"], ["hpcds.cli.common", "hpcds.cli.render_cmd", "jinja2", "pydantic"]),
+        (
+            ["render", "configs/quickstart.yaml"],
+            ["hpcds.cli.common", "hpcds.cli.render_cmd", "hpcds.cli.template_cache", "jinja2", "pydantic"],
+        ),
     ],
     ids=["help", "version", "render"],
 )
@@ -104,6 +110,42 @@ def test_start_up_imports_only_what_the_command_needs(argv, expected):
     code, loaded = json.loads(line[-1][len("LOADED=") :])
     assert code == 0, result.stderr[-2000:]
     assert sorted({m if m.startswith("hpcds.") else m.split(".")[0] for m in loaded}) == expected
+
+
+PLUGIN_PROBE = """
+import json, sys
+from hpcds.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    assert not exc.code, exc.code
+from pydantic.plugin import _loader
+sys.__stdout__.write("\\nSCAN=" + json.dumps(["importlib.metadata" in sys.modules, _loader.__doc__ or ""]) + "\\n")
+"""
+
+
+@pytest.mark.parametrize(
+    ("setting", "scanned"),
+    [(None, False), ("", True), ("__all__", False), ("logfire", True)],
+    ids=["unset", "empty: load every plugin", "all disabled", "one disabled"],
+)
+def test_pydantic_plugins_are_looked_for_only_when_asked(setting, scanned):
+    """pydantic's plugin loader imports importlib.metadata and reads every installed package's entry points when the
+    first validator is built (~15 ms): hpcds's commands skip it unless PYDANTIC_DISABLE_PLUGINS asks for plugins (set
+    empty: all of them; a list of names: all but those), and then pydantic's own loader runs. The spec is validated
+    the same either way (the render succeeds)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYDANTIC_DISABLE_PLUGINS"}
+    if setting is not None:
+        env["PYDANTIC_DISABLE_PLUGINS"] = setting
+    argv = ["render", "configs/quickstart.yaml", "--ds-config"]
+    result = subprocess.run(
+        [sys.executable, "-c", PLUGIN_PROBE, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    line = [ln for ln in result.stdout.splitlines() if ln.startswith("SCAN=")]
+    assert line, result.stderr[-2000:]
+    metadata_imported, loader_doc = json.loads(line[-1][len("SCAN=") :])
+    assert metadata_imported is scanned
+    assert ("hpcds" in loader_doc) is not scanned, loader_doc
 
 
 def test_unknown_command_is_a_usage_error():

@@ -59,6 +59,7 @@ def spec_options(func):
             raise click.UsageError("give a SPEC file or --preset NAME")
         flags = {"nodes": nodes, "gpus_per_node": gpus_per_node, "partition": partition, "time": time_limit}
         kwargs["spec"], notes = with_folder_shape(load_spec(spec_path, list(sets), flags, preset=preset))
+        use_template_cache()
         context = click.get_current_context(silent=True)
         if context is not None:
             context.meta[SHAPE_NOTES_KEY] = notes
@@ -66,6 +67,16 @@ def spec_options(func):
         return func(*args, **kwargs)
 
     return wrapper
+
+
+def use_template_cache() -> None:
+    """Batch-script templates compiled once and kept in hpcds's cache folder (hpcds.cli.template_cache), for the
+    commands that render; set before the first render, as the renderer builds its jinja2 environment once."""
+    from hpcds.cli.template_cache import TemplateCache, hpcds_cache_dir
+    from hpcds.render import sbatch
+
+    if sbatch.bytecode_cache is None:
+        sbatch.bytecode_cache = TemplateCache(hpcds_cache_dir() / "templates")
 
 
 def force_option(func):

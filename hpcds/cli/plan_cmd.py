@@ -7,15 +7,17 @@ spec_options); the plan's notes say which. Nothing is ever downloaded.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
-from rich import box
-from rich.markup import escape
-from rich.table import Table
 
 from hpcds.cli import COMMAND_SETTINGS
-from hpcds.cli.common import SHAPE_NOTES_KEY, console, print_json, spec_options
+from hpcds.cli.common import SHAPE_NOTES_KEY, print_json, spec_options
 from hpcds.plan import GIB, Plan, checkpoint_save_s, lead_needed_s, plan_job
 from hpcds.spec import JobSpec
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def _size(value: int) -> str:
@@ -27,6 +29,9 @@ def _gb(value: int) -> str:
 
 
 def render_plan_table(spec: JobSpec, plan: Plan) -> Table:
+    from rich import box
+    from rich.table import Table
+
     train = spec.training
     title = (
         f"{spec.name}: {plan.nodes} node(s) × {plan.gpus_per_node} GPU(s) of {plan.gpu_mem_bytes / GIB:g} GiB, "
@@ -78,6 +83,11 @@ def print_plan(spec: JobSpec, gpu_mem_gb: float | None = None, as_json: bool = F
     if as_json:
         print_json(plan.to_dict())
         return plan
+    # rich only for the table: `--json` (scripts) does without its start-up time.
+    from rich.markup import escape
+
+    from hpcds.cli.common import console
+
     console.print(render_plan_table(spec, plan))
     usable_gb = (plan.gpu_mem_bytes - plan.reserve_bytes) / GIB
     console.print(
