@@ -334,7 +334,7 @@ def cancel(name, runs_root: Path) -> None:
     """Cancel a run's Slurm job (scancel) and record it in the run's event log."""
     from hpcds.cli.sweep_cmd import cancel_sweep
 
-    if cancel_sweep(runs_root, name):  # a sweep: its whole job array
+    if cancel_sweep(runs_root, name, StatusSource().rows):  # a sweep: its whole job array
         return
     run_dir = select_run(runs_root, name)
     job_ids = runs.read_meta(run_dir).get("job_ids") or []

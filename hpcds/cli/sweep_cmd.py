@@ -233,10 +233,10 @@ def sweep_runs(runs_root: Path, name: str) -> list[Path]:
     return [root / task["run"] for task in record["tasks"] if (root / task["run"] / facts.META_FILE).is_file()]
 
 
-def cancel_sweep(runs_root: Path, name: str) -> bool:
+def cancel_sweep(runs_root: Path, name: str, status_rows) -> bool:
     """`hpcds cancel SWEEP`: one scancel of the array job (every task, pending or running), recorded in the event
-    log of each task it stopped. False when `name` is no sweep."""
-    from hpcds.cli.jobs_cmd import StatusSource
+    log of each task it stopped; `status_rows` is hpcds status's rows for run directories. False when `name` is no
+    sweep."""
     from hpcds.slurm.status import allocation_job_id
 
     record = read_sweep(runs_root, name)
@@ -245,7 +245,7 @@ def cancel_sweep(runs_root: Path, name: str) -> bool:
     if not record.get("job_id"):
         raise HpcdsError(f"sweep {record['name']} was never submitted (created with --dry-run)")
     task_dirs = sweep_runs(runs_root, name)
-    rows = StatusSource().rows(task_dirs)
+    rows = status_rows(task_dirs)
     active = [(d, row) for d, row in zip(task_dirs, rows, strict=True) if row.source == "squeue" and row.active]
     if not active:
         raise HpcdsError(f"sweep {record['name']}: no task of job array {record['job_id']} is pending or running")
