@@ -13,166 +13,46 @@ A checkpoint counts only when COMMITTED exists and every file matches the manife
 does and reports each one it skips. DeepSpeed's own `latest` file is never written (it is written before DeepSpeed's
 final barrier, and a stale one silently restarts training from step 0). On a shared file system a node's listing can
 lag other nodes' writes or keep stale entries: a save commits only when rank 0's listing, the one every rank uses,
-holds exactly the files the save writes. The top half of this module is pure (names, expected files, manifest checks,
-retention choice); the bottom half does the I/O and the collectives.
+holds exactly the files the save writes. A save is two halves: `write_shards` (every file written and checksummed
+as it is written, or snapshotted for a background writer: hpcds.train.shard_write) and `commit`, which every rank
+calls once every rank's files are written. The rules (names, expected files, manifest checks, retention choice) are
+pure functions in hpcds.train.ckpt_rules; this module does the I/O and the collectives.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import shutil
 import time
 import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hpcds.errors import HpcdsError
+from hpcds.train.ckpt_rules import (  # noqa: F401 (re-exported: the checkpoint's names in one place)
+    COMMITTED,
+    MANIFEST,
+    NVME_COPY,
+    POINTER,
+    SET_ASIDE,
+    Expected,
+    check_checksums,
+    check_listing,
+    check_written,
+    choose_deleted,
+    choose_retained,
+    expected_files,
+    rank_state_name,
+    render_manifest,
+    step_of,
+    tag_for,
+)
 from hpcds.train.progress import PhaseTimer
 
-MANIFEST = "manifest.json"
-COMMITTED = "COMMITTED"
-POINTER = "latest.json"
-SET_ASIDE = ".bad"
-# DeepSpeed copies each rank's NVMe optimizer swap files here, under names it does not fix.
-NVME_COPY = "offloaded_tensors"
-_TAG = re.compile(r"step_(\d+)")
 # 8 MiB reads keep CRC-32 (about 2 GB/s per core) near disk speed without holding a shard in memory.
 _CHUNK_BYTES = 8 << 20
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step}"
-
-
-def step_of(tag: str) -> int | None:
-    match = _TAG.fullmatch(tag)
-    return int(match.group(1)) if match else None
-
-
-def rank_state_name(rank: int) -> str:
-    return f"rank_{rank}_state.pt"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Pure: expected files, manifest, verification, retention
-
-
-@dataclass(frozen=True)
-class Expected:
-    """What one save leaves in step_<N>/: files by name, and folders whose file names DeepSpeed does not fix."""
-
-    files: frozenset[str]
-    folders: frozenset[str] = frozenset()
-
-
-def expected_files(
-    world_size: int, *, zero_stage: int, bf16: bool, partitioned_optimizer: bool, nvme_optimizer: bool = False
-) -> Expected:
-    """The files DeepSpeed 0.19's `save_checkpoint` writes for one save, plus hpcds's per-rank state files.
-
-    Names as DeepSpeed's engine makes them (`_get_ckpt_name`, `_get_rank_zero_ckpt_name`; no tensor or pipeline
-    parallelism, so the model-parallel rank is always 00): the model states come from data-parallel rank 0, or from
-    every rank under ZeRO-3, which partitions the weights; a partitioned optimizer (every ZeRO stage 1-3 optimizer,
-    and DeepSpeed's BF16_Optimizer) adds one optimizer-state file per rank, prefixed `bf16_` when bf16 is on; with the
-    optimizer offloaded to NVMe, each rank also copies its swap files into `offloaded_tensors/rank<NN>/`.
-    """
-    ranks = range(world_size)
-    if zero_stage == 3:
-        files = {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in ranks}
-    else:
-        files = {"mp_rank_00_model_states.pt"}
-    if partitioned_optimizer:
-        prefix = "bf16_" if bf16 else ""
-        files |= {f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in ranks}
-    files |= {rank_state_name(r) for r in ranks}
-    folders = {f"{NVME_COPY}/rank{r:02d}" for r in ranks} if nvme_optimizer else set()
-    return Expected(frozenset(files), frozenset(folders))
-
-
-def check_written(expected: Expected, listed: Iterable[str]) -> list[str]:
-    """Problems with a fresh save's listing: expected files it lacks, and files this save did not write.
-
-    A lacking file was not written, or is not yet visible to the lister (another node's write on a shared file
-    system); an extra one is stale (a cached entry, an earlier save's leftover) or another job's. Either way the
-    manifest would silently vouch for the wrong set, so both are errors.
-    """
-    listed = set(listed)
-    in_folder = {folder: {rel for rel in listed if rel.startswith(f"{folder}/")} for folder in sorted(expected.folders)}
-    problems = [f"{rel} is missing" for rel in sorted(expected.files - listed)]
-    problems += [f"{folder}/ holds no file" for folder, rels in in_folder.items() if not rels]
-    unexpected = listed - expected.files - set().union(*in_folder.values())
-    return problems + [f"{rel} was not written by this save" for rel in sorted(unexpected)]
-
-
-def render_manifest(step: int, files: dict[str, tuple[int, int]], **info: Any) -> dict[str, Any]:
-    """The manifest for one checkpoint: {relative path: (size_bytes, crc32)} plus free-form info (stage, world)."""
-    return {
-        "step": step,
-        "files": {rel: {"size_bytes": size, "crc32": crc} for rel, (size, crc) in sorted(files.items())},
-        "total_bytes": sum(size for size, _ in files.values()),
-        **info,
-    }
-
-
-def check_listing(manifest: Any, committed: bool, sizes_on_disk: dict[str, int]) -> list[str]:
-    """Problems visible without reading file contents: marker, manifest shape, missing or resized files."""
-    if not committed:
-        return ["no COMMITTED marker (the save never finished: killed, out of disk, or still running)"]
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        return ["manifest.json is missing or unreadable"]
-    problems = []
-    for rel, entry in manifest["files"].items():
-        if rel not in sizes_on_disk:
-            problems.append(f"{rel} is missing")
-        elif sizes_on_disk[rel] != entry.get("size_bytes"):
-            problems.append(f"{rel} has {sizes_on_disk[rel]} bytes, the manifest says {entry.get('size_bytes')}")
-    if not manifest["files"]:
-        problems.append("the manifest lists no files")
-    return problems
-
-
-def check_checksums(manifest: dict, crcs: dict[str, int]) -> list[str]:
-    """Problems from contents: files whose CRC-32 differs from the manifest's."""
-    return [
-        f"{rel} fails its checksum (corrupt or overwritten)"
-        for rel, crc in sorted(crcs.items())
-        if manifest["files"].get(rel, {}).get("crc32") != crc
-    ]
-
-
-def choose_retained(
-    committed_steps: Iterable[int],
-    *,
-    keep_last: int,
-    best_step: int | None = None,
-    final_step: int | None = None,
-    keep_every_steps: int | None = None,
-) -> set[int]:
-    """Steps whose checkpoints stay: the newest `keep_last`, the best, the final, and multiples of keep_every_steps."""
-    steps = sorted(set(committed_steps))
-    keep = set(steps[-keep_last:]) if keep_last > 0 else set()
-    keep |= {s for s in (best_step, final_step) if s is not None and s in steps}
-    if keep_every_steps:
-        keep |= {s for s in steps if s % keep_every_steps == 0}
-    return keep
-
-
-def choose_deleted(all_steps: Iterable[int], committed_steps: Iterable[int], retained: set[int]) -> list[int]:
-    """Folders to remove after a commit: committed ones not retained, and broken ones older than the newest commit.
-
-    Broken folders newer than the newest commit are left alone: they are only ever the save in progress (or one
-    about to be overwritten by the same step's next save).
-    """
-    committed = set(committed_steps)
-    if not committed:
-        return []
-    newest = max(committed)
-    return sorted(s for s in set(all_steps) if s not in retained and (s in committed or s < newest))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -229,21 +109,23 @@ def _write_durable(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
-@contextlib.contextmanager
-def _torch_zip_crc_off():
-    """torch.save's per-record CRC-32 (miniz, slower than zlib's) cost ~40% of a save in measurements; the manifest's
-    whole-file CRC-32s, computed with zlib and split over the ranks, replace it. torch.load does not need it."""
-    try:
-        from torch.utils.serialization import config
-    except ImportError:  # torch < 2.6: no switch, nothing to do
-        yield
-        return
-    saved = config.save.compute_crc32
-    config.save.compute_crc32 = False
-    try:
-        yield
-    finally:
-        config.save.compute_crc32 = saved
+@dataclass
+class Pending:
+    """A save whose files are written (synchronous) or being written by a `BackgroundWrite` (asynchronous), and not
+    yet committed. `written`: this rank's files as {path relative to the folder: (size_bytes, crc32)}."""
+
+    step: int
+    folder: Path
+    written: dict[str, tuple[int, int]] = field(default_factory=dict)
+    background: Any = None
+    phases_s: dict[str, float] = field(default_factory=dict)
+
+    def done(self) -> bool:
+        return self.background is None or self.background.done()
+
+    def wait(self) -> None:
+        if self.background is not None:
+            self.background.wait()
 
 
 def save(
@@ -263,10 +145,29 @@ def save(
     Every rank must call this. `fault_kill_at_step` is the fault-injection hook the tests use to SIGKILL rank 0
     after the shards are written but before the commit (HPCDS_TEST_FAULT=kill_in_save:N).
     """
-    import torch
+    pending = write_shards(engine, ckpt_dir, step, client_state, rank_state, rank=rank)
+    return commit(engine, ckpt_dir, pending, rank=rank, world=world, info=info, fault_kill_at_step=fault_kill_at_step)
+
+
+def write_shards(
+    engine,
+    ckpt_dir: Path,
+    step: int,
+    client_state: dict,
+    rank_state: dict,
+    *,
+    rank: int,
+    snapshot: bool = False,
+    pin: bool = False,
+    write_fault: dict | None = None,
+) -> Pending:
+    """Every rank: DeepSpeed's save of `step_<step>` plus this rank's state file, written now and checksummed as
+    written, or (`snapshot`) copied to host memory and handed to a background writer; nothing is committed here.
+
+    `write_fault`: the tests' faults for the background writer (`kill_before_done`, `sleep_s`)."""
     import torch.distributed as dist
 
-    from hpcds.runs import fsync_dir, write_json_atomic
+    from hpcds.train import shard_write
 
     tag = tag_for(step)
     folder = ckpt_dir / tag
@@ -276,18 +177,61 @@ def save(
         if folder.exists():  # leftovers of a save that died at this same step: never mix two saves' files
             shutil.rmtree(folder)
     dist.barrier()
-    with _torch_zip_crc_off():
+    with shard_write.torch_zip_crc_off(), shard_write.recording(engine, snapshot, pin) as recorder:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(rank_state, folder / rank_state_name(rank))
+        recorder.save(rank_state, str(folder / rank_state_name(rank)))
+    pending = Pending(step, folder)
+    if snapshot:
+        pending.background = shard_write.BackgroundWrite(recorder.items, **(write_fault or {})).start()
+        phase("snapshot")
+    else:
+        pending.written = {str(Path(path).relative_to(folder)): entry for path, entry in recorder.written.items()}
+        phase("deepspeed_save")
+    pending.phases_s = phase.phases_s
+    return pending
+
+
+def commit(
+    engine,
+    ckpt_dir: Path,
+    pending: Pending,
+    *,
+    rank: int,
+    world: int,
+    info: dict,
+    fault_kill_at_step: int | None = None,
+) -> dict:
+    """Every rank, once every rank's files of `pending` are written: check rank 0's listing against what the save
+    writes and what each rank recorded, checksum what nobody recorded, then rank 0 writes the manifest, COMMITTED
+    and latest.json. Returns the manifest plus `timings_s` (on every rank)."""
+    import torch.distributed as dist
+
+    from hpcds.runs import fsync_dir, write_json_atomic
+
+    step, folder, tag = pending.step, pending.folder, pending.folder.name
+    phase = PhaseTimer()
+    pending.wait()
+    background = pending.background
+    if background is not None:
+        pending.written = {str(Path(p).relative_to(folder)): entry for p, entry in background.written.items()}
+    mine = (pending.written, background.error if background else None, background.seconds if background else 0.0)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
     dist.barrier()
-    phase("deepspeed_save")
     # One listing for every rank: on a shared file system each node's view of the folder may differ.
     listing: list[Any] = [sizes_under(folder) if rank == 0 else None]
     dist.broadcast_object_list(listing, src=0)
     sizes: dict[str, int] = listing[0]
+    recorded = {rel: entry for part, _, _ in gathered for rel, entry in part.items()}
     # Every rank checks the same listing, so every rank raises together and none waits in a collective.
-    problems = check_written(_expected_of(engine, world), sizes)
+    problems = [f"rank {r} could not write: {error}" for r, (_, error, _) in enumerate(gathered) if error]
+    problems += check_written(_expected_of(engine, world), sizes)
+    problems += [
+        f"{rel} has {sizes[rel]} bytes, {size} were written"
+        for rel, (size, _) in recorded.items()
+        if rel in sizes and sizes[rel] != size
+    ]
     if problems:
         raise HpcdsError(
             f"checkpoint {folder} is not committed: rank 0's listing of it is not the set of files this save "
@@ -295,9 +239,14 @@ def save(
             f"{ckpt_dir / POINTER} still names the previous checkpoint. hint: every node must see the same "
             "checkpoint.dir, with other nodes' writes visible once closed, and no other job may write into it"
         )
+    if background is not None:
+        phase.phases_s["write"] = round(max(seconds for _, _, seconds in gathered), 3)
     rels = sorted(sizes)
-    # fsync here (each rank its share) so that COMMITTED never reaches the disk before the data it vouches for.
-    crcs = _shared_crcs(folder, rels, rank, world, fsync=True)
+    # Files written past the recorder (DeepSpeed's NVMe swap copies) are read for their CRC-32 and fsynced here (each
+    # rank its share), so that COMMITTED never reaches the disk before the data it vouches for.
+    unrecorded = [rel for rel in rels if rel not in recorded]
+    crcs = {rel: crc for rel, (_, crc) in recorded.items()}
+    crcs |= _shared_crcs(folder, unrecorded, rank, world, fsync=True) if unrecorded else {}
     # The data-parallel size tells a later resume on another node count to go through the universal format.
     info = {"data_parallel_size": world, **info}
     manifest = render_manifest(step, {rel: (sizes[rel], crcs[rel]) for rel in rels}, **info)
@@ -314,7 +263,7 @@ def save(
     # Nobody leaves before the commit: a rank exiting early (EXIT_REQUEUE) makes the launcher kill the others.
     dist.barrier()
     phase("commit")
-    return {**manifest, "timings_s": phase.phases_s}
+    return {**manifest, "timings_s": {**pending.phases_s, **phase.phases_s}}
 
 
 def _expected_of(engine, world: int) -> Expected:

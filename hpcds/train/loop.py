@@ -11,7 +11,6 @@ are saved and restored.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,18 +21,22 @@ from hpcds import runs
 from hpcds.errors import HpcdsError
 from hpcds.facts import EXIT_REQUEUE, LOSSES_FILE
 from hpcds.train import checkpoint
+from hpcds.train.async_save import Saver, choose_async
 from hpcds.train.loss import eval_loss, loss_of, probe_batch, probe_record, probe_verdict
 from hpcds.train.preempt import StopFlag, collective_device, signal_name
 from hpcds.train.progress import format_step_line, render_banner, write_heartbeat, write_progress
 from hpcds.train.rng import capture_rng, restore_rng
 from hpcds.train.schedule import lr_for_spec
+from hpcds.train.step_records import StepRecords
 
 
 def train(t: Trainer) -> int:
     t.resume()
     every = t.settings.spec.training
     while t.state.step < t.settings.max_steps:
-        signum = t.flag.agree()
+        signum = t.flag.agree(written=t.saver.written())
+        if t.flag.written_ranks == t.settings.world:  # every rank's background write is done: commit it here
+            t.commit_save()
         if signum:
             return t.stop(signum)
         loss = t.train_step()
@@ -44,7 +47,7 @@ def train(t: Trainer) -> int:
         if every.eval_interval_steps and step % every.eval_interval_steps == 0:
             improved, stop_early = t.evaluate()
         if step % t.settings.spec.checkpoint.every_steps == 0 or improved or stop_early or step == t.settings.max_steps:
-            t.save(final=stop_early or step == t.settings.max_steps)
+            t.save(final=stop_early or step == t.settings.max_steps, periodic=True)
         if stop_early:
             break
         t.inject_faults()
@@ -106,43 +109,58 @@ class Trainer:
     startup_phases_s: dict[str, float] = field(default_factory=dict)
     state: TrainState = field(default_factory=TrainState)
     reported: Reported = field(default_factory=Reported)
+    saver: Saver = field(init=False)
+    records: StepRecords = field(init=False)  # rank 0's losses.jsonl, read from the device at intervals
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.records = StepRecords(s.run_dir / LOSSES_FILE)
+        self.saver = Saver(self.engine, s.run_dir, s.ckpt_dir, s.rank, s.world, s.spec, self.flag.faults)
+        self.saver.asynchronous, why = choose_async(s.spec)
+        if s.rank == 0:
+            print(f"checkpoints: {why}", flush=True)
 
     # -- one optimizer step ------------------------------------------------------------------------------------------
-    def train_step(self) -> float:
+    def train_step(self) -> Any:
+        """One optimizer step; returns this rank's mean loss over its micro-batches, a tensor on the device."""
         s, step = self.settings, self.state.step
         lr = lr_for_spec(step, s.spec.training)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        loss_sum = None
         for micro in range(s.grad_accum):
             x, y = self.data.train_batch(step, micro, s.rank, s.world, s.micro_batch)
             loss = loss_of(self.engine, x, y)
             self.engine.backward(loss)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
-            loss_sum += loss.detach().float().item()
+            loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         self.state.step = step = step + 1
         loss = loss_sum / s.grad_accum
         if s.rank == 0:
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": self.grad_norm(), "time": time.time()}
-            with open(s.run_dir / LOSSES_FILE, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            norm = self.engine.get_global_grad_norm()
+            self.records.add(step=step, loss=loss, lr=lr, grad_norm=norm, time=time.time())
         return loss
 
     def grad_norm(self) -> float | None:
         return _as_float(self.engine.get_global_grad_norm())
 
-    def mean_over_ranks(self, value: float) -> float:
+    def mean_over_ranks(self, value: Any) -> float:
         import torch
         from deepspeed import comm
 
         # float32 SUM: DeepSpeed's fast path (shared memory on CPU, NCCL on GPU); float64 would fall back to gloo TCP.
-        tensor = torch.tensor([value], dtype=torch.float32, device=collective_device())
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().reshape(1).to(collective_device(), torch.float32, copy=True)
+        else:
+            tensor = torch.tensor([value], dtype=torch.float32, device=collective_device())
         comm.all_reduce(tensor)
         return tensor.item() / self.settings.world
 
     # -- logging, eval ---------------------------------------------------------------------------------------------
-    def log(self, loss: float) -> None:
+    def log(self, loss: Any) -> None:
         s, step = self.settings, self.state.step
+        if s.rank == 0:
+            self.records.write()  # before the mean: the collective sums in place
         mean_loss = self.mean_over_ranks(loss)
         now = time.time()
         start_time, start_step = self.reported.interval_start
@@ -235,48 +253,38 @@ class Trainer:
         if problem:
             raise HpcdsError(problem)
 
-    def save(self, final: bool = False) -> None:
-        s, step = self.settings, self.state.step
+    def save(self, final: bool = False, periodic: bool = False) -> None:
+        """Save this step: in the background when periodic and asynchronous saves are on, otherwise now. A save in
+        flight is committed first (waiting for its writes), so a stop signal's save is never overtaken."""
+        step = self.state.step
+        if self.settings.rank == 0:
+            self.records.write()  # the records up to a checkpoint are on disk before it is
+        self.commit_save()
         if self.reported.checkpoint_step == step:
             return
         started = time.time()
         saved = self.checkpointed()  # computes the probe loss: a forward pass on one micro-batch
-        probe_s = time.time() - started
-        manifest = checkpoint.save(
-            self.engine,
-            s.ckpt_dir,
+        self.saver.start(
             step,
             saved,
             {"trainer": saved, "rng": capture_rng()},
-            rank=s.rank,
-            world=s.world,
-            fault_kill_at_step=self.flag.faults.kill_in_save_step,
-            info={"zero_stage": s.spec.deepspeed.zero_stage, "world_size": s.world, "final": final},
+            started=started,
+            probe_s=time.time() - started,
+            final=final,
+            periodic=periodic,
+            best_step=self.state.best_step,
+            steps_now=step,
         )
-        self.reported.checkpoint_step, self.reported.checkpoint_time = step, time.time()
-        if s.rank != 0:
-            return
-        deleted = checkpoint.apply_retention(
-            s.ckpt_dir,
-            lambda committed: checkpoint.choose_retained(
-                committed,
-                keep_last=s.spec.checkpoint.keep_last,
-                best_step=self.state.best_step,
-                final_step=step if final else None,
-                keep_every_steps=s.spec.checkpoint.keep_every_steps,
-            ),
-        )
-        seconds = self.reported.checkpoint_time - started
-        removed = f" (removed {', '.join(deleted)})" if deleted else ""
-        print(f"checkpoint step_{step}: {manifest['total_bytes'] / 1e6:.1f} MB in {seconds:.1f} s{removed}", flush=True)
-        runs.append_event(
-            s.run_dir,
-            "checkpoint",
-            step=step,
-            bytes=manifest["total_bytes"],
-            seconds=round(seconds, 3),
-            phases_s={"probe": round(probe_s, 3), **manifest["timings_s"]},
-        )
+        self.note_committed()
+
+    def commit_save(self) -> None:
+        """Every rank together: commit the save in flight, if any (waiting for this rank's writes)."""
+        self.saver.commit(self.state.best_step, self.state.step)
+        self.note_committed()
+
+    def note_committed(self) -> None:
+        if self.saver.last_step is not None:
+            self.reported.checkpoint_step, self.reported.checkpoint_time = self.saver.last_step, self.saver.last_time
 
     def resume(self) -> None:
         s = self.settings

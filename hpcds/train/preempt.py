@@ -9,6 +9,8 @@ mask and unblock it only once their handler is in place.
 
 `HPCDS_TEST_FAULT` injects faults for the tests: `signal_at:N:TERM` makes rank 0 send itself that signal after step N,
 `kill_in_save:N` SIGKILLs rank 0 in the middle of step N's save (after the shards, before the commit),
+`kill_in_async_write:N` SIGKILLs rank 0 from its background writer once step N's files are written, before the commit
+(training has gone on meanwhile), `async_write_sleep:S` makes every background write start S seconds late,
 `raise_after:K` makes rank 0 raise at its K-th step boundary after each start (a failing job that still makes progress;
 `raise_after:K@HOST` only where rank 0 runs on HOST: a bad node),
 `hang_after:K` makes rank 0 sleep there instead, in a job's first allocation only (a hung job: the other ranks wait
@@ -35,6 +37,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.signum = 0
         self.boundaries = 0  # step boundaries seen by this process, for the test faults
+        self.written_ranks = 0  # ranks whose background checkpoint write was done at the last boundary
         self.faults = faults_from_env()
 
     def _handle(self, signum, frame) -> None:
@@ -49,8 +52,9 @@ class StopFlag:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNUMS))
         return self
 
-    def agree(self) -> int:
-        """The stop signal any rank received (0 = none), the same on every rank, from one collective per step.
+    def agree(self, written: bool = False) -> int:
+        """The stop signal any rank received (0 = none), the same on every rank, from one collective per step; the
+        same collective counts the ranks whose background checkpoint write is done (`written`) into `written_ranks`.
 
         A SUM of one-hot float flags rather than a MAX of an int: DeepSpeed routes float SUMs through its fast path
         (shared memory between CPU ranks, NCCL on GPUs), while a MAX falls back to gloo's TCP round trip, which
@@ -61,11 +65,14 @@ class StopFlag:
 
         self.boundaries += 1
         self._inject_faults()
-        flags = torch.zeros(len(STOP_SIGNUMS), dtype=torch.float32, device=collective_device())
+        flags = torch.zeros(len(STOP_SIGNUMS) + 1, dtype=torch.float32, device=collective_device())
         if self.signum:
             flags[STOP_SIGNUMS.index(self.signum)] = 1.0
+        flags[-1] = float(written)
         comm.all_reduce(flags)
-        for sig, count in zip(STOP_SIGNUMS, flags.tolist(), strict=True):
+        counts = flags.tolist()
+        self.written_ranks = int(counts.pop())
+        for sig, count in zip(STOP_SIGNUMS, counts, strict=True):
             if count > 0:
                 return int(sig)
         return 0
@@ -111,6 +118,8 @@ class Faults:
     signal_at_step: int | None = None
     signal_num: int = signal.SIGTERM
     kill_in_save_step: int | None = None
+    kill_in_async_write_step: int | None = None
+    async_write_sleep_s: float = 0.0
     raise_after: int | None = None
     raise_on_host: str | None = None  # raise_after only on this host (None: on every host)
     hang_after: int | None = None
@@ -132,6 +141,10 @@ def parse_faults(text: str) -> Faults:
             faults = replace(faults, signal_at_step=int(step), signal_num=signal.Signals["SIG" + (name or "TERM")])
         elif kind == "kill_in_save":
             faults = replace(faults, kill_in_save_step=int(rest))
+        elif kind == "kill_in_async_write":
+            faults = replace(faults, kill_in_async_write_step=int(rest))
+        elif kind == "async_write_sleep":
+            faults = replace(faults, async_write_sleep_s=float(rest))
         elif kind == "raise_after":
             boundary, _, host = rest.partition("@")
             faults = replace(faults, raise_after=int(boundary), raise_on_host=host or None)
@@ -147,8 +160,8 @@ def parse_faults(text: str) -> Faults:
         else:
             raise ValueError(
                 f"HPCDS_TEST_FAULT: unknown fault {item!r} "
-                "(signal_at:N:SIG, kill_in_save:N, raise_after:K[@HOST], hang_after:K, stop_save_sleep:S, "
-                "step_sleep:S[:N], convert_sleep:S)"
+                "(signal_at:N:SIG, kill_in_save:N, kill_in_async_write:N, async_write_sleep:S, raise_after:K[@HOST], "
+                "hang_after:K, stop_save_sleep:S, step_sleep:S[:N], convert_sleep:S)"
             )
     return faults
 
