@@ -6,6 +6,8 @@ noise; ratios taken minutes apart on the same machine are not):
    of as many bytes to the same disk                                                              goal >= 0.7
 3. resume time (process start to first step: imports, process group, model, engine, verify, load)
    ÷ (import time of torch + deepspeed + transformers' model + checkpoint bytes / `dd` read bandwidth)   goal <= 1.5
+4. training blocked per periodic save with checkpoint.async_save on ÷ a synchronous save's time     goal <= 0.1
+5. steps/s with a save every N steps (asynchronous, and synchronous) ÷ steps/s without saves
 
     python bench/bench_train.py                 # 2 ranks; --help for sizes
     python bench/bench_train.py --rounds 3 --steps 40
@@ -31,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def spec_for(name: str, d_model: int, layers: int, seq: int, micro: int, steps: int, every: int):
+def spec_for(name: str, d_model: int, layers: int, seq: int, micro: int, steps: int, every: int, async_save=False):
     from hpcds.spec import validate_spec
 
     return validate_spec(
@@ -48,7 +50,7 @@ def spec_for(name: str, d_model: int, layers: int, seq: int, micro: int, steps: 
                 "eval_interval_steps": 0,
             },
             "deepspeed": {"zero_stage": 2},
-            "checkpoint": {"every_steps": every, "keep_last": 3},
+            "checkpoint": {"every_steps": every, "keep_last": 3, "async_save": async_save},
             "slurm": {"gpus_per_node": 0, "ranks_per_node": 2},
             "wandb": {"mode": "disabled"},
         }
@@ -215,6 +217,32 @@ def checkpoint_bench(root: Path, args) -> dict:
     }
 
 
+def save_bench(root: Path, args) -> dict:
+    """The checkpoint model trained `--save-steps` steps three times: no periodic save, a save every `--save-every`
+    steps in the background, the same synchronously. Blocking and save times from the `checkpoint` events (the final
+    save, synchronous in every run, left out); steps/s from the step records between the first and the last step."""
+    from hpcds import runs
+
+    out = {}
+    for mode, every in (("none", 10**6), ("async", args.save_every), ("sync", args.save_every)):
+        spec = spec_for(
+            f"bench-save-{mode}", args.ckpt_d_model, args.ckpt_layers, 64, 1, args.save_steps, every, mode == "async"
+        )
+        run_dir = new_run(root, spec)
+        if quiet_launch(run_dir, args.ranks) != 0:
+            raise SystemExit(f"save bench run ({mode}) failed: see {run_dir / 'bench-launch.log'}")
+        saves = [e for e in runs.read_events(run_dir) if e["event"] == "checkpoint" and e["step"] < args.save_steps]
+        records = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+        times = {r["step"]: r["time"] for r in records}
+        out[mode] = {
+            "steps_per_s": (args.save_steps - 1) / (times[args.save_steps] - times[1]),
+            "seconds": [e["seconds"] for e in saves],
+            "blocking_s": [e.get("blocking_s", e["seconds"]) for e in saves],
+            "phases": [e.get("phases_s") for e in saves],
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bare", type=Path, help=argparse.SUPPRESS)
@@ -227,7 +255,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--ckpt-d-model", type=int, default=1024, help="model for the checkpoint numbers")
     parser.add_argument("--ckpt-layers", type=int, default=8)
-    parser.add_argument("--only", choices=["step", "checkpoint"], help="run one part (for iterating on it)")
+    parser.add_argument("--save-steps", type=int, default=24, help="steps of each save-bench run")
+    parser.add_argument("--save-every", type=int, default=6, help="periodic save interval of the save bench")
+    parser.add_argument("--only", choices=["step", "checkpoint", "save"], help="run one part (for iterating on it)")
     parser.add_argument("--dir", type=Path, help="runs root for the bench (default: a temp folder under ./runs)")
     args = parser.parse_args()
     if args.bare:
@@ -272,6 +302,23 @@ def main() -> None:
                 "<= 1.5",
             ),
         ]
+    if args.only in (None, "save"):
+        sv = save_bench(root, args)
+        print(f"save bench: a save every {args.save_every} of {args.save_steps} steps; " + json.dumps(sv))
+        blocking, sync_s = statistics.median(sv["async"]["blocking_s"]), statistics.median(sv["sync"]["seconds"])
+        rows.append(
+            ("blocked per save (async) / sync save", f"{blocking:.3f} s / {sync_s:.3f} s", blocking / sync_s, "<= 0.1")
+        )
+        for mode in ("async", "sync"):
+            rate, bare = sv[mode]["steps_per_s"], sv["none"]["steps_per_s"]
+            rows.append(
+                (
+                    f"steps/s, {mode} save every {args.save_every} / no saves",
+                    f"{rate:.3f} / {bare:.3f}",
+                    rate / bare,
+                    "",
+                )
+            )
     print(f"{'measure':40} {'values':36} {'ratio':>7}  goal")
     for name, values, ratio, goal in rows:
         print(f"{name:40} {values:36} {ratio:7.3f}  {goal}")

@@ -258,3 +258,24 @@ def test_cli_mistakes_get_a_clear_error_without_a_traceback(runs_root, args, mes
     done = hpcds("report", *args, "--runs-dir", str(runs_root), "--no-png", cwd=runs_root)
     assert done.returncode == 1
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_background_save_counts_its_copy_as_blocking_and_its_writing_as_background():
+    # Step 4 at 9.0; its save copies for 0.3 s (probe 0.1 + copy 0.2) and commits at 11.5, after steps 5 and 6.
+    background = {"step": 4, "seconds": 2.5, "blocking_s": 0.4, "background": True}
+    background["phases_s"] = {"probe": 0.1, "snapshot": 0.2, "write": 2.0, "commit": 0.1}
+    events = [
+        started(0, 0),
+        {"time": 5, "event": "train_start", "step": 0},
+        {"time": 11.5, "event": "checkpoint", **background},
+        {"time": 13.0, "event": "finished", "step": 7},
+        exited(13.5, 0, "finished", 0),
+    ]
+    losses = steps(1, 4, at=6) + [{"step": 5, "loss": 0.2, "time": 10.3}, {"step": 6, "loss": 0.2, "time": 11.3}]
+    losses += [{"step": 7, "loss": 0.1, "time": 12.5}]
+    report = build_report("r", {}, events, losses, CPU)
+    assert (report.saves, report.save_blocking_s, report.save_background_s) == (1, 0.4, pytest.approx(2.1))
+    # Step 5 began when the copy was done (9.3), step 7 at the commit (11.5): the save's blocking parts are not
+    # training time, its background writing is.
+    (allocation,) = report.allocations
+    assert allocation.effective_s == pytest.approx(4 * 1.0 + 1.0 + 1.0 + 1.0)

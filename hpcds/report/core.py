@@ -85,7 +85,7 @@ class RunReport:
     steps_recomputed: int
     saves: int
     save_blocking_s: float
-    save_background_s: float  # hpcds saves synchronously: always 0
+    save_background_s: float  # asynchronous saves' writing while training went on
     gpu_hours: float | None
     tokens: int | None
     tokens_per_s: float | None  # kept tokens over effective training time
@@ -134,11 +134,16 @@ def build_report(
     recomputed_flags.reverse()
 
     # A step's interval starts at the previous mark of its allocation: a step record, the trainer's start, or a
-    # committed checkpoint (a save is not training time).
+    # committed checkpoint (a save is not training time); a background save also marks the end of its copy, the part
+    # of it that training waited for before going on.
     marks: dict[int, list[float]] = {}
     for event in events:
         if event["event"] in ("train_start", "checkpoint") and (index := owner(float(event["time"]))) is not None:
             marks.setdefault(index, []).append(float(event["time"]))
+            if event["event"] == "checkpoint" and event.get("background"):
+                marks[index].append(_copied_at(event))
+    for times in marks.values():
+        times.sort()
     points, last_mark = [], {}
     for record, recomputed in zip(records, recomputed_flags, strict=True):
         time = float(record["time"])
@@ -224,8 +229,8 @@ def build_report(
         steps_kept=steps_kept,
         steps_recomputed=sum(p.recomputed for p in points),
         saves=len(saves),
-        save_blocking_s=sum(_num(e.get("seconds")) or 0.0 for e in saves),
-        save_background_s=0.0,
+        save_blocking_s=sum(_blocking_s(e) for e in saves),
+        save_background_s=sum((_num(e.get("seconds")) or 0.0) - _blocking_s(e) for e in saves),
         gpu_hours=gpu_hours,
         tokens=tokens,
         tokens_per_s=tokens_per_s,
@@ -287,3 +292,18 @@ def _num(value: Any) -> float | None:
 def _int(value: Any) -> int | None:
     number = _num(value)
     return None if number is None else int(number)
+
+
+def _blocking_s(save: dict) -> float:
+    """Seconds a save held training up: a synchronous save's whole `seconds`, a background save's `blocking_s`."""
+    seconds = _num(save.get("seconds")) or 0.0
+    blocking = _num(save.get("blocking_s"))
+    return min(seconds, blocking) if save.get("background") and blocking is not None else seconds
+
+
+def _copied_at(save: dict) -> float:
+    """When a background save's copy was done: the save began `seconds` before its commit event; then the probe's
+    forward pass and the copy."""
+    phases = save.get("phases_s") or {}
+    began = float(save["time"]) - (_num(save.get("seconds")) or 0.0)
+    return began + (_num(phases.get("probe")) or 0.0) + (_num(phases.get("snapshot")) or 0.0)
