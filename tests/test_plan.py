@@ -26,6 +26,7 @@ from hpcds.plan import (
     model_state_bytes,
     pin_strategy,
     plan_job,
+    refusals,
 )
 from hpcds.spec import load_spec
 
@@ -599,3 +600,28 @@ def test_a_warning_lead_too_short_for_the_checkpoint_is_refused_with_the_numbers
     assert "+ 30 s = 224 s" in err and not list(tmp_path.iterdir())
     main(["submit", "--dry-run", *args, "--set", "checkpoint.write_gbps=4"])  # a faster file system: 2 x 24 + 30 s
     assert len(runs.list_runs(tmp_path)) == 1
+
+
+def test_async_save_host_copy_is_counted_and_refused_where_it_does_not_fit():
+    """7B Mamba on 2 nodes x 4 GPUs, ZeRO-2 + optimizer offload, bf16: the copy on rank 0's node is the bf16 weights
+    whole (rank 0 writes them) and the node's half of the fp32 master weights and moments."""
+    sets = ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu", "slurm.nodes=2"]
+    roomy = plan_job(_plan_spec(4, *sets, "slurm.mem=512G"))
+    params, row = roomy.params, roomy.chosen
+    assert row.snapshot_bytes_per_node == int(params.total * 2 + params.trainable * 12 / 2)
+    assert row.cpu_bytes_per_node == model_state_bytes(Strategy(2, True), params, 4, 2)[3] + row.snapshot_bytes_per_node
+    assert roomy.async_save and "periodic saves are asynchronous: a 51.6 GiB host copy per node" in roomy.notes[0]
+
+    # 340 GiB holds what DeepSpeed needs on the node (309.5 GiB) but not the copy beside it: synchronous, and said.
+    tight = plan_job(_plan_spec(4, *sets, "slurm.mem=340G"))
+    assert not tight.async_save and tight.chosen.snapshot_bytes_per_node == 0 and tight.chosen.fits
+    assert "does not fit slurm.mem (340 GiB)" in tight.async_save_reason and tight.async_save_reason in tight.notes
+    assert refusals(_plan_spec(4, *sets, "slurm.mem=340G")) == []  # auto falls back; only `true` is refused
+    (refused,) = refusals(_plan_spec(4, *sets, "slurm.mem=340G", "checkpoint.async_save=true"))
+    assert refused.startswith("checkpoint.async_save: periodic saves are synchronous") and "hint:" in refused
+
+    off = plan_job(_plan_spec(4, *sets, "checkpoint.async_save=false"))
+    assert not off.async_save and off.chosen.snapshot_bytes_per_node == 0
+    args = ["plan", "--preset", "7b_mamba", "--gpus-per-node", "4", "--nodes", "2", "--json"]
+    data = json.loads(CliRunner().invoke(cli, [*args, "--set", "slurm.mem=340G", *(f"--set={s}" for s in sets)]).output)
+    assert data["async_save"] is False and data["async_save_reason"] in data["notes"]
