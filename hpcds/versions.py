@@ -17,7 +17,9 @@ from typing import Any
 # The packages whose versions decide what a run computes (mamba-ssm and causal-conv1d: the fused kernels).
 PACKAGES = ("torch", "deepspeed", "transformers", "mamba-ssm", "causal-conv1d")
 # Names in a record beside the packages: what `changes` compares, in this order.
-COMPARED = ("hpcds", *PACKAGES, "python_version", "python_executable", "hpcds_code")
+# The python is compared by its environment (sys.prefix: the venv or installation), not by the executable's path:
+# `python -m hpcds submit` runs .venv/bin/python, the console script the job runs names .venv/bin/python3.
+COMPARED = ("hpcds", *PACKAGES, "python_version", "python_prefix", "hpcds_code")
 # Shown of a digest: enough to tell two apart in an event or a status cell.
 DIGEST_CHARS = 12
 
@@ -75,13 +77,14 @@ def package_versions() -> dict[str, str | None]:
 
 def current_record() -> dict[str, Any]:
     """What this process runs with, in the shape meta.json keeps it (`versions`, `python_version`,
-    `python_executable`, `hpcds_path`, `hpcds_code`)."""
+    `python_prefix`, `python_executable`, `hpcds_path`, `hpcds_code`)."""
     import platform
 
     root = package_dir()
     return {
         "versions": package_versions(),
         "python_version": platform.python_version(),
+        "python_prefix": sys.prefix,
         "python_executable": sys.executable,
         "hpcds_path": str(root),
         "hpcds_code": code_digest(root),
@@ -91,7 +94,7 @@ def current_record() -> dict[str, Any]:
 def _flat(record: Mapping[str, Any]) -> dict[str, Any]:
     versions = record.get("versions") or {}
     flat = {name: versions.get(name) for name in ("hpcds", *PACKAGES)}
-    flat |= {name: record.get(name) for name in ("python_version", "python_executable")}
+    flat |= {name: record.get(name) for name in ("python_version", "python_prefix")}
     code = record.get("hpcds_code")
     flat["hpcds_code"] = code[:DIGEST_CHARS] if isinstance(code, str) else None
     return flat
