@@ -26,7 +26,6 @@ from test_preemption import (
     hpcds,
     losses_by_step,
     no_leftovers,
-    slurm_state,
     wait_until,
     wandb_records,
 )
@@ -217,6 +216,13 @@ SWEEP_SPEC += ["--set", "slurm.cpus_per_task=2"]
 PACE = {"HPCDS_TEST_FAULT": "step_sleep:1:1"}
 
 
+def array_states(array_job: str) -> dict[str, str]:
+    """Slurm's state of each task of a job array, one line per task (`-r`), ended ones too (`-t all`)."""
+    done = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", array_job, "-o", "%i %T"], capture_output=True,
+                          text=True)  # fmt: skip
+    return dict(line.split() for line in done.stdout.splitlines() if line.strip())
+
+
 def task_ended(run_dir: Path) -> bool:
     exits = events(run_dir, "exited")
     return bool(exits) and exits[-1].get("class") == "finished"
@@ -241,7 +247,7 @@ def sweep_result(slurm_cluster, tmp_path_factory):
         seen["parked"] = json.loads(parked.stdout)
         seen["parked_status"] = hpcds(runs_root, "status", seen["parked"]["name"], "--json").stdout
         seen["parked_cancel"] = hpcds(runs_root, "cancel", seen["parked"]["name"])
-        seen["parked_after"] = [slurm_state(f"{seen['parked']['job_id']}_{i}") for i in range(2)]
+        seen["parked_after"] = array_states(seen["parked"]["job_id"])
         # The last task holds the array's own job id: preempt it 3 steps into its first allocation.
         last = dirs[-1]
 
@@ -358,7 +364,7 @@ def test_status_shows_the_sweep_as_one_group_and_cancel_takes_the_whole_array(sw
         (f"{parked['job_id']}_{i}", "PENDING") for i in (0, 1)
     ]
     assert seen["parked_cancel"].returncode == 0, seen["parked_cancel"].stderr
-    assert seen["parked_after"] == ["CANCELLED", "CANCELLED"]
+    assert seen["parked_after"] == {f"{parked['job_id']}_{i}": "CANCELLED" for i in (0, 1)}
     rows = StatusSource().rows([Path(parked["sweep_dir"]).parent / task["run"] for task in parked["tasks"]])
     assert [row.state for row in rows] == ["CANCELLED", "CANCELLED"]
     for task in parked["tasks"]:
