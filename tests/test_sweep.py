@@ -241,12 +241,14 @@ def sweep_result(slurm_cluster, tmp_path_factory):
         seen["submitted_s"] = time.monotonic() - started
         dirs = [runs_root / task["run"] for task in record["tasks"]]
         # A second sweep that must wait an hour: status and cancel of a pending array.
-        parked = hpcds(runs_root, "sweep", QUICKSTART, *SMALL, "--grid", "training.lr=1e-3,2e-3", "--name", "parked",
-                       "--set", 'slurm.extra_sbatch=["--begin=now+3600"]', "--json")  # fmt: skip
+        parked = hpcds(runs_root, "sweep", QUICKSTART, *SMALL, "--grid", "training.lr=1e-3,2e-3,3e-3", "--name",
+                       "parked", "--set", 'slurm.extra_sbatch=["--begin=now+3600"]', "--json")  # fmt: skip
         assert parked.returncode == 0, parked.stderr
         seen["parked"] = json.loads(parked.stdout)
         seen["parked_status"] = hpcds(runs_root, "status", seen["parked"]["name"], "--json").stdout
-        seen["parked_cancel"] = hpcds(runs_root, "cancel", seen["parked"]["name"])
+        seen["task_cancel"] = hpcds(runs_root, "cancel", seen["parked"]["tasks"][0]["run"])  # one task alone
+        seen["after_task_cancel"] = array_states(seen["parked"]["job_id"])
+        seen["parked_cancel"] = hpcds(runs_root, "cancel", seen["parked"]["name"])  # the rest of the array
         seen["parked_after"] = array_states(seen["parked"]["job_id"])
         # The last task holds the array's own job id: preempt it 3 steps into its first allocation.
         last = dirs[-1]
@@ -360,13 +362,14 @@ def test_status_shows_the_sweep_as_one_group_and_cancel_takes_the_whole_array(sw
     assert seen["cancel_done"].returncode == 1 and "no task" in seen["cancel_done"].stderr  # a finished sweep
     parked = seen["parked"]
     pending = json.loads(seen["parked_status"])
-    assert [(row["job_id"], row["state"]) for row in pending] == [
-        (f"{parked['job_id']}_{i}", "PENDING") for i in (0, 1)
-    ]
-    assert seen["parked_cancel"].returncode == 0, seen["parked_cancel"].stderr
-    assert seen["parked_after"] == {f"{parked['job_id']}_{i}": "CANCELLED" for i in (0, 1)}
+    tasks = [f"{parked['job_id']}_{i}" for i in range(3)]
+    assert [(row["job_id"], row["state"]) for row in pending] == [(task, "PENDING") for task in tasks]
+    assert seen["task_cancel"].returncode == 0, seen["task_cancel"].stderr
+    assert seen["after_task_cancel"] == dict(zip(tasks, ["CANCELLED", "PENDING", "PENDING"], strict=True))
+    assert seen["parked_cancel"].returncode == 0 and "(2 tasks)" in seen["parked_cancel"].stdout, seen["parked_cancel"]
+    assert seen["parked_after"] == dict.fromkeys(tasks, "CANCELLED")
     rows = StatusSource().rows([Path(parked["sweep_dir"]).parent / task["run"] for task in parked["tasks"]])
-    assert [row.state for row in rows] == ["CANCELLED", "CANCELLED"]
+    assert [row.state for row in rows] == ["CANCELLED"] * 3
     for task in parked["tasks"]:
         cancelled = events(Path(parked["sweep_dir"]).parent / task["run"], "cancelled")
         assert [e["job_id"] for e in cancelled] == [f"{parked['job_id']}_{task['index']}"]
