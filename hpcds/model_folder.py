@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -77,6 +76,8 @@ def with_folder_shape(spec: JobSpec) -> tuple[JobSpec, list[str]]:
 def count_on_meta_device(folder: str, why: str) -> int:
     """Parameters transformers builds from the folder's config (AutoModelForCausalLM, as the trainer does), counted in
     a child process on the meta device: no weights are read and no memory is used for them."""
+    import subprocess  # here: every spec command imports this module, few count on the meta device
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     command = [sys.executable, "-m", "hpcds.model_folder", folder]
     try:

@@ -23,10 +23,9 @@ def _no_control_chars(value: str) -> str:
 
 
 def _pattern(regex: str, what: str):
-    compiled = re.compile(regex)
-
+    # Compiled on first use (re keeps it): a spec uses a few of these patterns, and every command imports them all.
     def check(value: str) -> str:
-        if not compiled.fullmatch(value):
+        if not re.fullmatch(regex, value):
             raise ValueError(f"{value!r} is not a valid {what}")
         return value
 
