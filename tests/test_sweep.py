@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -373,3 +374,13 @@ def test_status_shows_the_sweep_as_one_group_and_cancel_takes_the_whole_array(sw
     for task in parked["tasks"]:
         cancelled = events(Path(parked["sweep_dir"]).parent / task["run"], "cancelled")
         assert [e["job_id"] for e in cancelled] == [f"{parked['job_id']}_{task['index']}"]
+
+
+def test_sweep_does_not_import_the_training_stack(tmp_path):
+    from test_light_imports import HEAVY, PROBE
+
+    argv = ["sweep", QUICKSTART, "--grid", "training.lr=1e-3,2e-3", "--dry-run", "--runs-dir", str(tmp_path)]
+    done = subprocess.run([sys.executable, "-c", PROBE.format(heavy=set(HEAVY)), *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    code, heavy = json.loads([ln for ln in done.stdout.splitlines() if ln.startswith("HEAVY=")][-1][len("HEAVY=") :])
+    assert (code, heavy) == (0, []), done.stderr[-2000:]
