@@ -19,7 +19,6 @@ import hashlib
 import os
 import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +95,8 @@ class TemplateCache:
         path = self._path(bucket)
         if path is None:
             return
+        import tempfile  # only to write: loading is the common case
+
         temporary: Any = None
         try:
             with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", suffix=".jinja2", delete=False) as file:
