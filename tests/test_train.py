@@ -15,6 +15,7 @@ import pytest
 
 from hpcds import facts, runs
 from hpcds.durations import format_short_duration
+from hpcds.errors import HpcdsError
 from hpcds.train.logging import NullLogger, choose_mode, redacted_config
 from hpcds.train.preempt import Faults, parse_faults
 from hpcds.train.progress import format_step_line, render_banner
@@ -84,13 +85,16 @@ def test_run_reuse_picks_newest_unfinished_run_with_the_same_spec(tmp_path):
     again, reused = prepare_run(spec, tmp_path)
     assert (again, reused) == (first, True)
     other = local_spec(load_spec(REPO / "configs" / "quickstart.yaml", ["training.lr=1e-3"]), ranks=2)
-    assert prepare_run(other, tmp_path)[0] != first  # another spec: another run
+    # Another spec under the same name is never a silent new run: the error names the field, --resume and --new.
+    with pytest.raises(HpcdsError, match=r"(?s)unfinished.*training.lr: 0.006 -> 0.001.*--resume.*--new"):
+        prepare_run(other, tmp_path)
+    assert prepare_run(other, tmp_path, new=True)[0] != first
     runs.append_event(first, "train_start", step=0)
     runs.append_event(first, "finished", step=200)
     assert is_finished(first)
     spec_text = (first / facts.SPEC_FILE).read_text()
     assert find_resumable_run(tmp_path, spec_text) is None  # finished runs are not resumed
-    fresh, reused = prepare_run(spec, tmp_path)
+    fresh, reused = prepare_run(spec, tmp_path, new=True)
     assert fresh != first and not reused
     assert prepare_run(spec, tmp_path, new=True)[0] not in (first, fresh)
 

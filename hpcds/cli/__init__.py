@@ -85,6 +85,11 @@ COMMAND_TABLE: dict[str, tuple[str, str, str]] = {
         "run_command",
         "Train SPEC on this machine (CPU ranks on gloo, or the GPUs); Ctrl-C saves, the same command resumes.",
     ),
+    "resume": (
+        "hpcds.cli.resume_cmd",
+        "resume",
+        "Continue RUN from its last checkpoint with its own spec and --set changes (Slurm runs are submitted again).",
+    ),
     "sync": (
         "hpcds.cli.train_cmd",
         "sync_command",

@@ -30,6 +30,7 @@ from hpcds.slurm.status import (
     needs_accounting,
     run_status,
     same_job,
+    spec_change_lines,
     table_cells,
 )
 
@@ -223,6 +224,10 @@ def status(names, runs_root: Path, as_json, watch, interval_s, by_node) -> None:
         if len(rows) == 1 and len(rows[0].history) > 1:  # one run asked for: how each allocation went
             wide.print("history:", highlight=False)
             for line in history_lines(rows[0].history):
+                wide.print(f"  {line}", highlight=False, markup=False)
+        if len(rows) == 1 and rows[0].spec_changes:  # continued with another spec (hpcds resume, --resume)
+            wide.print("spec changes:", highlight=False)
+            for line in spec_change_lines(rows[0].spec_changes):
                 wide.print(f"  {line}", highlight=False, markup=False)
         if source.note:
             err_console.print(source.note)

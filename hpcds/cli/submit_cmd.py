@@ -14,6 +14,7 @@ import click
 from hpcds import facts, runs, slurm
 from hpcds.cli import COMMAND_SETTINGS
 from hpcds.cli.common import console, err_console, force_option, print_json, runs_root_option, spec_options
+from hpcds.errors import HpcdsError
 
 
 @click.command(context_settings=COMMAND_SETTINGS)
@@ -23,8 +24,18 @@ from hpcds.cli.common import console, err_console, force_option, print_json, run
 @click.option("--dry-run", is_flag=True, help="Create the run directory and print its paths; do not submit.")
 @click.option("--check-memory", is_flag=True, help="Print the memory plan and exit without submitting.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--resume",
+    metavar="RUN",
+    help="Continue RUN (its checkpoints, optimizer state, W&B id) with SPEC's safe changes instead of a new run.",
+)
+@click.option(
+    "--after",
+    metavar="RUN[,RUN...]",
+    help="Start only once these runs' jobs have finished successfully (sbatch --dependency=afterok).",
+)
 @force_option
-def submit(spec, spec_path, runs_root: Path, name, dry_run, check_memory, as_json, force) -> None:
+def submit(spec, spec_path, runs_root: Path, name, dry_run, check_memory, as_json, resume, after, force) -> None:
     """Submit SPEC to Slurm as a new run (sbatch), creating its run directory."""
     if name:
         from hpcds.spec import deep_merge, validate_spec
@@ -35,7 +46,11 @@ def submit(spec, spec_path, runs_root: Path, name, dry_run, check_memory, as_jso
 
         print_plan(spec)
         return
-    run_dir, job_id = submit_run(spec, runs_root, dry_run=dry_run, force=force)
+    after_dirs = [runs.find_run(runs_root, item.strip()) for item in (after or "").split(",") if item.strip()]
+    resumed = runs.find_run(runs_root, resume) if resume else None
+    if resumed is not None and dry_run:
+        raise HpcdsError("--dry-run creates a new run directory; --resume changes an existing one: give one of them")
+    run_dir, job_id = submit_run(spec, runs_root, dry_run=dry_run, force=force, after=after_dirs, resume=resumed)
     result = {
         "name": run_dir.name,
         "job_id": job_id,
@@ -48,6 +63,8 @@ def submit(spec, spec_path, runs_root: Path, name, dry_run, check_memory, as_jso
         print_json(result)
         return
     verb = "created (not submitted)" if dry_run else f"submitted as job {job_id}"
+    if resumed is not None:
+        verb = f"continued as job {job_id}"
     console.print(f"run [bold]{result['name']}[/] {verb}")
     for key in ("run_dir", "script", "output"):
         console.print(f"  {key:8} {result[key]}")
@@ -55,23 +72,45 @@ def submit(spec, spec_path, runs_root: Path, name, dry_run, check_memory, as_jso
         console.print(f"  status   hpcds status {result['name']}")
 
 
-def submit_run(spec, runs_root: Path, *, dry_run: bool = False, force: bool = False) -> tuple[Path, str | None]:
-    """Create the run directory and (unless dry_run) submit it; no run directory is left behind when sbatch fails."""
+def submit_run(
+    spec,
+    runs_root: Path,
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+    after: list[Path] = (),
+    resume: Path | None = None,
+) -> tuple[Path, str | None]:
+    """Create the run directory (or continue `resume`'s) and (unless dry_run) submit it, after the jobs of the runs
+    in `after`; a new run directory is not left behind when sbatch fails."""
+    from hpcds.cli.continuing import continue_run, dependency_jobs, describe, pin_init_from, pin_stage_of
     from hpcds.cli.render_cmd import checked_run_files, record_forced
     from hpcds.render import hpcds_command, render_sbatch
     from hpcds.snapshot import write_snapshot_of_new_run
 
+    spec = pin_init_from(spec, runs_root, after)
+    if resume is not None:
+        spec = pin_stage_of(resume, spec)
     pinned, files, forced = checked_run_files(spec, force)
     hpcds_cmd = hpcds_command(snapshot=pinned.slurm.snapshot)
+    waits_for = dependency_jobs(after)
 
     def files_for(run_dir: Path) -> dict[str, str]:
         return {**files, facts.SCRIPT_FILE: render_sbatch(pinned, str(run_dir), hpcds_cmd)}
 
-    meta = {"wandb_id": runs.new_wandb_id(), "spec_name": spec.name, "hpcds_command": hpcds_cmd}
-    run_dir = runs.create_run(runs_root, pinned.name, files_for, meta=meta)
-    if pinned.slurm.snapshot:  # the copy of hpcds the job runs; the new run directory goes if it fails
-        write_snapshot_of_new_run(run_dir)
+    if resume is not None:
+        record = continue_run(resume, files_for(resume), local=False)
+        for line in describe(record):
+            err_console.print(line, highlight=False, markup=False)
+        run_dir = resume
+    else:
+        meta = {"wandb_id": runs.new_wandb_id(), "spec_name": spec.name, "hpcds_command": hpcds_cmd}
+        run_dir = runs.create_run(runs_root, pinned.name, files_for, meta=meta)
+        if pinned.slurm.snapshot:  # the copy of hpcds the job runs; the new run directory goes if it fails
+            write_snapshot_of_new_run(run_dir)
     record_forced(run_dir, forced)
+    if after:
+        runs.update_meta(run_dir, after=[d.name for d in after])
     if dry_run:
         return run_dir, None
     avoid = recently_bad_nodes(runs_root, pinned.name, but=run_dir) if pinned.slurm.exclude_bad_nodes else []
@@ -83,25 +122,36 @@ def submit_run(spec, runs_root: Path, *, dry_run: bool = False, force: bool = Fa
         )
     own = [flag.split("=", 1)[1] for flag in pinned.slurm.extra_sbatch if flag.startswith("--exclude=")]
     try:
-        job_id = sbatch_run(run_dir, exclude=[*own, *avoid] if avoid else [])
+        job_id = sbatch_run(run_dir, exclude=[*own, *avoid] if avoid else [], after_jobs=waits_for)
     except BaseException:
-        runs.remove_run(run_dir)
+        if resume is None:
+            runs.remove_run(run_dir)
         raise
     return run_dir, job_id
 
 
-def sbatch_run(run_dir: Path, exclude: list[str] = ()) -> str:
+def sbatch_run(run_dir: Path, exclude: list[str] = (), after_jobs: list[str] = ()) -> str:
     """Submit a run directory's batch script (from inside the run directory) and record the job id. `exclude`
-    replaces the script's own `--exclude` (sbatch's command line wins over #SBATCH lines): give them all."""
+    replaces the script's own `--exclude` (sbatch's command line wins over #SBATCH lines): give them all.
+    `after_jobs`: job ids that must end successfully first (afterok; a requeued job keeps its id)."""
     script = run_dir / facts.SCRIPT_FILE
-    job_id = slurm.sbatch(script, cwd=run_dir, extra_args=[f"--exclude={','.join(exclude)}"] if exclude else [])
+    extra = [f"--exclude={','.join(exclude)}"] if exclude else []
+    extra += [f"--dependency=afterok:{':'.join(after_jobs)}"] if after_jobs else []
+    job_id = slurm.sbatch(script, cwd=run_dir, extra_args=extra)
     job_ids = [str(j) for j in runs.read_meta(run_dir).get("job_ids") or []]
     runs.update_meta(run_dir, job_ids=[*job_ids, job_id])
     # The job name lets status tell this job from a later one that got the same id (a reinstalled controller).
     names = [
         line.split("=", 1)[1].strip() for line in script.read_text().splitlines() if line.startswith(JOB_NAME_FLAG)
     ]
-    runs.append_event(run_dir, "submitted", job_id=job_id, job_name=names[0] if names else None, exclude=list(exclude))
+    runs.append_event(
+        run_dir,
+        "submitted",
+        job_id=job_id,
+        job_name=names[0] if names else None,
+        exclude=list(exclude),
+        **({"dependency": f"afterok:{':'.join(after_jobs)}"} if after_jobs else {}),
+    )
     return job_id
 
 

@@ -19,6 +19,7 @@ import click
 from hpcds import facts, runs
 from hpcds.cli import COMMAND_SETTINGS
 from hpcds.cli.common import console, force_option, runs_root_option, spec_options
+from hpcds.cli.continuing import is_finished
 from hpcds.errors import CommandError, HpcdsError
 from hpcds.facts import EXIT_REQUEUE
 
@@ -56,17 +57,6 @@ def parse_gpus(ctx, param, value: str | None) -> list[int] | None:
     return ids
 
 
-def is_finished(run_dir: Path) -> bool:
-    """A run is finished once the trainer said so after its last start."""
-    ending = None
-    for event in runs.read_events(run_dir):
-        if event["event"] == "train_start":
-            ending = None
-        elif event["event"] == "finished":
-            ending = event
-    return ending is not None
-
-
 def find_resumable_run(root: Path, spec_text: str) -> Path | None:
     """The newest unfinished run under `root` whose resolved spec.yaml is exactly `spec_text`."""
     for run_dir in reversed(runs.list_runs(root)):
@@ -79,15 +69,64 @@ def find_resumable_run(root: Path, spec_text: str) -> Path | None:
     return None
 
 
-def prepare_run(spec, root: Path, *, new: bool = False, force: bool = False) -> tuple[Path, bool]:
-    """(run directory, reused?) for a local run of `spec` (already one node)."""
+def same_name_run(root: Path, name: str) -> Path | None:
+    """The newest run under `root` made from a spec named `name`."""
+    for run_dir in reversed(runs.list_runs(root)):
+        if runs.read_meta(run_dir).get("spec_name") == name:
+            return run_dir
+    return None
+
+
+def other_spec_error(run_dir: Path, spec_text: str) -> HpcdsError:
+    """`hpcds run` found a run of the same name that it will not silently reuse or pass over: say what differs and
+    name --resume and --new."""
+    import yaml
+
+    from hpcds.spec.continuation import compare_specs
+
+    progress = runs.read_json(run_dir / facts.PROGRESS_FILE, {}) or {}
+    step = progress.get("step")
+    where = f"finished at step {step}" if is_finished(run_dir) else f"unfinished (step {step or 0})"
+    comparison = compare_specs(yaml.safe_load((run_dir / facts.SPEC_FILE).read_text()), yaml.safe_load(spec_text))
+    changes = [*comparison.safe, *comparison.refused]
+    listed = "".join(f"\n  - {c}" for c in changes[:10])
+    listed += f"\n  ... {len(changes) - 10} more" if len(changes) > 10 else ""
+    what = f"a spec that differs from this one:{listed}" if changes else "this same spec"
+    resume = ""
+    if changes and not comparison.refused:
+        resume = f"`hpcds run SPEC --resume {run_dir.name}` to continue it with these changes, or "
+    elif not changes:
+        resume = f"`--resume {run_dir.name}` with a larger training.max_steps to train it on, or "
+    return HpcdsError(
+        f"run {run_dir.name} ({where}) was made from {what}\nhint: {resume}`--new` to start a new run from step 0"
+    )
+
+
+def prepare_run(
+    spec, root: Path, *, new: bool = False, force: bool = False, resume: Path | None = None
+) -> tuple[Path, bool]:
+    """(run directory, reused?) for a local run of `spec` (already one node): `resume`'s run continued with the spec
+    (changes recorded), else the newest unfinished run with the identical spec, else a new run (`new`, or no run of
+    this name: a run of the same name with another spec, or finished, is an error naming --resume and --new)."""
+    from hpcds.cli.continuing import continue_run, describe, pin_init_from, pin_stage_of
     from hpcds.cli.render_cmd import checked_run_files, record_forced
 
+    spec = pin_init_from(spec, root)
+    if resume is not None:
+        spec = pin_stage_of(resume, spec)
     pinned, files, forced = checked_run_files(spec, force)
+    if resume is not None:
+        record = continue_run(resume, files, local=True)
+        for line in describe(record):
+            _say(line)
+        return resume, True
     if not new:
         found = find_resumable_run(root, files[facts.SPEC_FILE])
         if found is not None:
             return found, True
+        named = same_name_run(root, spec.name)
+        if named is not None:
+            raise other_spec_error(named, files[facts.SPEC_FILE])
     run_dir = runs.create_run(
         root,
         pinned.name,
@@ -115,21 +154,37 @@ def last_ending(run_dir: Path, since_time: float) -> dict | None:
     metavar="IDS",
     help="GPU indices to train on, one rank each (e.g. 0,1); default: CUDA_VISIBLE_DEVICES, else the first GPUs.",
 )
-@click.option("--new", is_flag=True, help="Start a fresh run even if an unfinished one with this spec exists.")
+@click.option("--new", is_flag=True, help="Start a new run even if a run of this name exists.")
+@click.option(
+    "--resume",
+    "resume",
+    metavar="RUN",
+    help="Continue RUN (its checkpoints, optimizer state, W&B id) with SPEC's safe changes, e.g. more steps.",
+)
 @runs_root_option
 @force_option
-def run_command(spec, spec_path, ranks, gpus, new, runs_root, force):
+def run_command(spec, spec_path, ranks, gpus, new, resume, runs_root, force):
     """Train SPEC on this machine (CPU ranks on gloo, or the GPUs); Ctrl-C saves, the same command resumes."""
-    import time
-
-    from hpcds.launch import launch_local, local_devices
+    from hpcds.launch import local_devices
 
     spec = local_spec(spec, ranks, gpus)
     devices = local_devices(spec.slurm.ranks, gpus, os.environ) if spec.slurm.gpus_per_node else []
-    run_dir, reused = prepare_run(spec, runs_root, new=new, force=force)
+    if new and resume:
+        raise HpcdsError("--new starts a new run and --resume continues one: give one of them")
+    resumed = runs.find_run(runs_root, resume) if resume else None
+    run_dir, reused = prepare_run(spec, runs_root, new=new, force=force, resume=resumed)
     _say(f"{'resuming run' if reused else 'new run'}: {run_dir}")
+    train_here(run_dir, spec.slurm.ranks, devices)
+
+
+def train_here(run_dir: Path, ranks: int, devices: list[int]) -> None:
+    """Start DeepSpeed's ranks on this machine for `run_dir` and say how it ended (exit 75 when stopped)."""
+    import time
+
+    from hpcds.launch import launch_local
+
     started = time.time()
-    code = launch_local(run_dir, spec.slurm.ranks, devices)
+    code = launch_local(run_dir, ranks, devices)
     ending = last_ending(run_dir, started)
     kind = ending["event"] if ending else None
     if kind == "finished":

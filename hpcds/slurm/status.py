@@ -56,6 +56,7 @@ class StatusRow:
     # {name: [at submit, now]}: what `hpcds launch` found changed at the last allocation's start (environment_changed)
     versions_changed: dict[str, list[Any]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per allocation (see job_history)
+    spec_changes: list[dict[str, Any]] = field(default_factory=list)  # continues with a changed spec (spec_changed)
     sweep: str | None = None  # the sweep (`hpcds sweep`) whose job array task this run is
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,6 +201,15 @@ def history_lines(history: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def spec_change_lines(changes: list[dict[str, Any]]) -> list[str]:
+    """One line per continue with a changed spec, e.g. `from step 8: training.max_steps 8 -> 12`."""
+    return [
+        f"from step {entry.get('resume_step') or 0}: "
+        + ", ".join(f"{c.get('field')} {c.get('old')} -> {c.get('new')}" for c in entry["changes"])
+        for entry in changes
+    ]
+
+
 def local_state(events: list[dict[str, Any]], fresh_age_s: float | None) -> tuple[str, str]:
     """State of a run started with `hpcds run` (no Slurm job): the trainer's own last word since its last launch."""
     state, reason = "UNKNOWN", "never launched"
@@ -305,6 +315,14 @@ def run_status(
         if row.error and row.state == "FAILED":
             row.reason = row.error.splitlines()[-1][:120]
 
+    if row.reason == "Dependency" and job_id:  # waiting for other runs' jobs (hpcds submit --after)
+        asked = [e.get("dependency") for e in events if e["event"] == "submitted" and str(e.get("job_id")) == job_id]
+        row.reason += f" ({asked[-1]})" if asked and asked[-1] else ""
+    row.spec_changes = [
+        {"time": e.get("time"), "resume_step": e.get("resume_step"), "changes": e.get("changes") or []}
+        for e in events
+        if e["event"] == "spec_changed"
+    ]
     if progress:
         row.step = _as_int(progress.get("step"))
         row.max_steps = _as_int(progress.get("max_steps"))

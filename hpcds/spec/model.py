@@ -102,6 +102,14 @@ class ModelSpec(Strict):
         "fields.",
     )
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights.")
+    init_from: SafeStr | None = Field(
+        None,
+        description="Start from another run's weights: RUN, RUN:best, RUN:final, RUN:latest or RUN:STEP (a run "
+        "name or folder; a spec name means its newest run; default final), or a folder written by `hpcds export`. "
+        "Weights only: new optimizer state, step 0, a new W&B run; any ZeRO stage and world size (through the "
+        "consolidated fp32 weights). With model.lora the base weights come from it and the adapters start fresh. "
+        "hpcds submit / run pin the source's path in the run's spec.yaml.",
+    )
     kernels: Literal["auto", "fused", "reference"] = Field(
         "auto",
         description="Mamba / Mamba-2: what runs the scan. auto: mamba-ssm's fused CUDA kernels on GPUs (the job fails "

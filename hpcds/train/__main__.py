@@ -55,7 +55,7 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     from hpcds.train import data as data_mod
     from hpcds.train.logging import make_logger
     from hpcds.train.loop import Settings, Trainer, banner
-    from hpcds.train.schedule import lr_for_spec
+    from hpcds.train.schedule import anchored_training, lr_for_spec
 
     phase("imports")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -116,6 +116,11 @@ def build_trainer(run_dir: Path, flag: StopFlag):
         )
     if found.tag is not None and hasattr(model, "tie_weights"):
         model.tie_weights()  # no_init_weights also skips tying (transformers 5): untied, the ZeRO layout would differ
+    init_source = None
+    if spec.model.init_from and found.tag is None:  # a start from another run's weights; its own resumes skip this
+        from hpcds.train import init_from
+
+        init_source = init_from.initialise(model, spec, rank=rank, run_dir=run_dir)
     if spec.training.activation_checkpointing:
         models.enable_activation_checkpointing(model)
     params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: a ZeRO-3 shard's whole
@@ -142,10 +147,13 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     _seed_everything(spec.training.seed + rank)
     phase("engine")
 
-    wandb_id = runs.read_meta(run_dir).get("wandb_id")
+    meta = runs.read_meta(run_dir)
+    wandb_id = meta.get("wandb_id")
+    # A continued run with a changed schedule goes on from the rate it had reached (hpcds.train.schedule).
+    anchored = anchored_training(spec.training, meta.get("lr_anchor"), checkpoint.step_of(found.tag or ""))
     settings = Settings(
         run_dir=run_dir,
-        spec=spec,
+        spec=spec.model_copy(update={"training": anchored}),
         rank=rank,
         world=world,
         local_rank=local_rank,
@@ -156,6 +164,8 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     )
     logger = make_logger(run_dir, spec, wandb_id, rank)
     trainer = Trainer(settings, engine, data, logger, flag, found=found, startup_phases_s=phase.phases_s)
+    if init_source is not None:
+        init_from.check_probe(trainer, init_source)
     if rank == 0 and found.tag is not None:
         warn_if_versions_changed(run_dir)
     if rank == 0:
