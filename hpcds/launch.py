@@ -2,8 +2,10 @@
 
 Inside a job, `srun --ntasks-per-node=1 hpcds launch RUN_DIR` runs this once per node. Each copy asks Slurm for the
 allocation's hosts (or, in a container, takes them from the batch script outside), computes its own node rank in this
-process (a `$SLURM_NODEID` expanded by the batch shell would be 0 on every node), runs the node's pre-flight check
-(hpcds.preflight: a failing node logs why and exits EXIT_UNHEALTHY before DeepSpeed starts), writes the DeepSpeed
+process (a `$SLURM_NODEID` expanded by the batch shell would be 0 on every node), compares what it runs with against
+what submit recorded (hpcds.versions: a change is an `environment_changed` event, and under slurm.on_version_change:
+fail the node exits EXIT_ENVIRONMENT_CHANGED), runs the node's pre-flight check (hpcds.preflight: a failing node logs
+why and exits EXIT_UNHEALTHY before DeepSpeed starts), writes the DeepSpeed
 hostfile `RUN_DIR/hostfile-<jobid>` (every node writes the same text, atomically), checks it, logs a `launch` event and
 replaces itself with `deepspeed --hostfile H --no_ssh --node_rank R` on the rendezvous port the batch script picked,
 so the node's exit code is DeepSpeed's. The stop signals (USR2, TERM, INT) are blocked first: the mask survives fork
