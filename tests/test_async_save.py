@@ -47,6 +47,14 @@ def test_snapshot_is_a_copy_that_keeps_ties():
     assert torch.equal(copy["a"], torch.ones(4)) and copy["a"] is copy["b"]  # one tensor stays one
     assert torch.equal(copy["nested"][0]["m"], torch.zeros(2)) and isinstance(copy, OrderedDict)
     assert copy["shape"] == torch.Size([4]) and copy["n"] == 1
+    # Host buffers come back for the next copy only once released (after the save is written).
+    buffers = shard_write.HostBuffers()
+    first = shard_write.snapshot_to_host({"w": weight}, buffers=buffers)["w"]
+    second = shard_write.snapshot_to_host({"w": weight}, buffers=buffers)["w"]
+    assert second is not first
+    buffers.release()
+    third = shard_write.snapshot_to_host({"w": weight}, buffers=buffers)["w"]
+    assert third is second and torch.equal(third, weight)
 
 
 @pytest.mark.deepspeed

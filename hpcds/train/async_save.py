@@ -58,6 +58,7 @@ class Saver:
     faults: Any  # preempt.Faults
     asynchronous: bool = False
     pending: checkpoint.Pending | None = None
+    buffers: Any = None  # shard_write.HostBuffers, reused by every background save of the process
     last_step: int | None = None  # the newest committed step and when it committed
     last_time: float | None = None
     _started: float = 0.0
@@ -84,6 +85,10 @@ class Saver:
     ) -> None:
         """Save `step`: in the background when periodic and allowed, otherwise written and committed now."""
         background = periodic and self.asynchronous and not final
+        if background and self.buffers is None:
+            from hpcds.train.shard_write import HostBuffers
+
+            self.buffers = HostBuffers()
         kill = self.faults.kill_in_async_write_step == step and self.rank == 0
         self.pending = checkpoint.write_shards(
             self.engine,
@@ -94,6 +99,7 @@ class Saver:
             rank=self.rank,
             snapshot=background,
             pin=_on_gpu(),
+            buffers=self.buffers,
             write_fault={"kill_before_done": kill, "sleep_s": self.faults.async_write_sleep_s},
         )
         self._started, self._probe_s, self._final = started, probe_s, final
@@ -113,6 +119,8 @@ class Saver:
             fault_kill_at_step=self.faults.kill_in_save_step,
             info={"zero_stage": self.spec.deepspeed.zero_stage, "world_size": self.world, "final": self._final},
         )  # fmt: skip
+        if background:
+            self.buffers.release()  # written and committed: the next copy may reuse them
         step = pending.step
         self.last_step, self.last_time = step, time.time()
         # What training waited for: the probe and the copy (or the whole synchronous save), and the commit.

@@ -159,11 +159,13 @@ def write_shards(
     rank: int,
     snapshot: bool = False,
     pin: bool = False,
+    buffers: Any = None,
     write_fault: dict | None = None,
 ) -> Pending:
     """Every rank: DeepSpeed's save of `step_<step>` plus this rank's state file, written now and checksummed as
     written, or (`snapshot`) copied to host memory and handed to a background writer; nothing is committed here.
 
+    `buffers`: a `shard_write.HostBuffers` to take the snapshot's tensors from (released by the caller once written);
     `write_fault`: the tests' faults for the background writer (`kill_before_done`, `sleep_s`)."""
     import torch.distributed as dist
 
@@ -177,7 +179,7 @@ def write_shards(
         if folder.exists():  # leftovers of a save that died at this same step: never mix two saves' files
             shutil.rmtree(folder)
     dist.barrier()
-    with shard_write.torch_zip_crc_off(), shard_write.recording(engine, snapshot, pin) as recorder:
+    with shard_write.torch_zip_crc_off(), shard_write.recording(engine, snapshot, pin, buffers) as recorder:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         folder.mkdir(parents=True, exist_ok=True)
         recorder.save(rank_state, str(folder / rank_state_name(rank)))

@@ -89,7 +89,31 @@ def torch_zip_crc_off():
         config.save.compute_crc32 = saved
 
 
-def snapshot_to_host(obj: Any, pin: bool = False, memo: dict | None = None) -> Any:
+@dataclass
+class HostBuffers:
+    """Host tensors kept from one snapshot to the next, by (shape, dtype, pinned): a fresh allocation is paged in on
+    first touch, which cost about as much as the copy itself; pinned memory is slower still to allocate. A buffer is
+    handed out again only after `release()`, once its save is written."""
+
+    free: dict[tuple, list] = field(default_factory=dict)
+    used: list[tuple[tuple, Any]] = field(default_factory=list)
+
+    def take(self, shape, dtype, pinned: bool) -> Any:
+        import torch
+
+        key = (tuple(shape), dtype, pinned)
+        spare = self.free.get(key)
+        tensor = spare.pop() if spare else torch.empty(shape, dtype=dtype, pin_memory=pinned)
+        self.used.append((key, tensor))
+        return tensor
+
+    def release(self) -> None:
+        for key, tensor in self.used:
+            self.free.setdefault(key, []).append(tensor)
+        self.used = []
+
+
+def snapshot_to_host(obj: Any, pin: bool = False, memo: dict | None = None, buffers: HostBuffers | None = None) -> Any:
     """A copy of a state dict that later training cannot change: every tensor copied to host memory (pinned when
     `pin`, for an asynchronous device-to-host copy), containers rebuilt, other leaves deep-copied. One tensor seen
     twice (tied weights) stays one copy, so the file holds it once, as torch.save of the original would."""
@@ -98,31 +122,32 @@ def snapshot_to_host(obj: Any, pin: bool = False, memo: dict | None = None) -> A
     import torch
 
     memo = {} if memo is None else memo
+    buffers = buffers or HostBuffers()
     if isinstance(obj, torch.Tensor):
         key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), tuple(obj.stride()))
         key += (obj.dtype, obj.device)
         if key not in memo:
             on_device = obj.device.type != "cpu"
-            host = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=pin and on_device)
+            host = buffers.take(obj.shape, obj.dtype, pin and on_device)
             host.copy_(obj.detach(), non_blocking=pin and on_device)
             memo[key] = host
         return memo[key]
     if isinstance(obj, dict):
         result = obj.copy()  # keeps OrderedDict and defaultdict what they are
         for key, value in obj.items():
-            result[key] = snapshot_to_host(value, pin, memo)
+            result[key] = snapshot_to_host(value, pin, memo, buffers)
         return result
     if isinstance(obj, list):
-        return [snapshot_to_host(v, pin, memo) for v in obj]
+        return [snapshot_to_host(v, pin, memo, buffers) for v in obj]
     if isinstance(obj, tuple):
-        items = [snapshot_to_host(v, pin, memo) for v in obj]
+        items = [snapshot_to_host(v, pin, memo, buffers) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     if isinstance(obj, _IMMUTABLE):
         return obj
     return copy.deepcopy(obj)
 
 
-def recording_engine(original: Any, snapshot: bool, pin: bool = False) -> Any:
+def recording_engine(original: Any, snapshot: bool, pin: bool = False, buffers: HostBuffers | None = None) -> Any:
     """A DeepSpeed checkpoint engine for one save: writes and records (`written`), or snapshots (`items`)."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
@@ -138,9 +163,14 @@ def recording_engine(original: Any, snapshot: bool, pin: bool = False) -> Any:
 
         def save(self, state_dict, path: str) -> None:
             if snapshot:
-                self.items.append((path, snapshot_to_host(state_dict, pin, self.memo)))
+                self.items.append((path, snapshot_to_host(state_dict, pin, self.memo, buffers)))
             else:
                 self.written[str(path)] = write_checksummed(state_dict, Path(path), zipfile)
+
+        def preserves_storage_sharing(self) -> bool:
+            # DeepSpeed clones the model states first when this is True (so that torch.save of a view does not
+            # write its whole flat buffer); the snapshot copies each tensor to a storage of its own anyway.
+            return not snapshot
 
         def finish_snapshot(self) -> None:
             import torch
@@ -153,11 +183,11 @@ def recording_engine(original: Any, snapshot: bool, pin: bool = False) -> Any:
 
 
 @contextlib.contextmanager
-def recording(engine: Any, snapshot: bool, pin: bool = False):
+def recording(engine: Any, snapshot: bool, pin: bool = False, buffers: HostBuffers | None = None):
     """Put a `recording_engine` in `engine` for the length of the block (a wrapper that only forwards attribute
     reads gets none, and its files are read back for their checksums at the commit instead)."""
     original = getattr(engine, "checkpoint_engine", None)
-    recorder = recording_engine(original, snapshot, pin)
+    recorder = recording_engine(original, snapshot, pin, buffers)
     swapped = "checkpoint_engine" in vars(engine)
     if swapped:
         engine.checkpoint_engine = recorder
@@ -195,7 +225,7 @@ class BackgroundWrite:
         try:
             time.sleep(self.sleep_s)
             while self.items:
-                path, obj = self.items.pop(0)  # dropped once written: host memory comes back file by file
+                path, obj = self.items.pop(0)
                 self.written[path] = write_checksummed(obj, Path(path))
                 del obj
             if self.kill_before_done:

@@ -251,6 +251,33 @@ def load_universal(engine, dest: Path) -> None:
         config.load_universal_checkpoint = saved
 
 
+@contextlib.contextmanager
+def mapped_loads(engine):
+    """For one `load_checkpoint`: DeepSpeed's checkpoint engine loads each file memory-mapped (`torch.load(mmap=True)`)
+    instead of reading and unpickling it whole. ZeRO-1/2 loads every rank's optimizer file on every rank and uses
+    another rank's file only for its fp32 weights, so the moments of the other ranks are never read; what is used is
+    copied into DeepSpeed's own buffers. A file torch cannot map (the legacy, non-zip format) is read as before."""
+    import torch
+
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    original = getattr(checkpoint_engine, "load", None)
+    if original is None or "checkpoint_engine" not in vars(engine):
+        yield
+        return
+
+    def load(path: str, map_location=None):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+        except RuntimeError:  # not a zip file: nothing to map
+            return original(path, map_location=map_location)
+
+    checkpoint_engine.load = load
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load  # the class's own method again
+
+
 def run_dir_of(ckpt_dir: Path) -> Path | None:
     """The run directory that holds the default checkpoint folder (`<run dir>/checkpoints`), else None."""
     from hpcds.facts import SPEC_FILE
@@ -301,7 +328,8 @@ def load_for_resume(
             "load_s": round(time.perf_counter() - started, 3),
         }
     else:
-        engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        with mapped_loads(engine):
+            engine.load_checkpoint(str(ckpt_dir), tag=tag)
     own = path / rank_state_name(rank)
     rank_file = own if own.is_file() else path / rank_state_name(rank % saved_world)
     saved = torch.load(rank_file, weights_only=False)
