@@ -57,6 +57,8 @@ def test_fault_specs_parse_and_typos_fail():
     assert parse_faults("") == Faults()
     faults = parse_faults("signal_at:4:USR2,kill_in_save:8")
     assert (faults.signal_at_step, faults.signal_num, faults.kill_in_save_step) == (4, signal.SIGUSR2, 8)
+    faults = parse_faults("kill_in_async_write:6,async_write_sleep:1.5")
+    assert (faults.kill_in_async_write_step, faults.async_write_sleep_s) == (6, 1.5)
     with pytest.raises(ValueError, match="unknown fault"):
         parse_faults("kill_at:3")
 
