@@ -29,9 +29,13 @@ def choose_async(spec: Any) -> tuple[bool, str]:
     `slurm.mem` may be unset, and `hpcds run` has none."""
     import psutil
 
+    from hpcds.errors import HpcdsError
     from hpcds.plan import plan_job
 
-    plan = plan_job(spec)
+    try:
+        plan = plan_job(spec)
+    except HpcdsError as exc:  # a shape the planner cannot count: no size for the copy, so no copy
+        return False, f"periodic saves are synchronous: the planner cannot size the host copy ({exc})"
     if not plan.async_save or spec.checkpoint.async_save is True:
         return plan.async_save or spec.checkpoint.async_save is True, plan.async_save_reason
     row = plan.chosen or plan.recommended
