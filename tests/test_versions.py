@@ -75,6 +75,17 @@ def test_the_record_reads_metadata_and_the_running_package_without_importing_tor
     print(f"\nper-start check (record + compare): {(time.perf_counter() - started) / 5 * 1000:.1f} ms")
 
 
+def test_the_kernel_packages_are_found_by_their_distribution_names(tmp_path, monkeypatch):
+    # As pip installs them (the [gpu] extra): mamba_ssm-*.dist-info and causal_conv1d-*.dist-info.
+    for name, version in (("mamba_ssm", "2.2.4"), ("causal_conv1d", "1.5.0")):
+        info = tmp_path / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = versions.package_versions()
+    assert (found["mamba-ssm"], found["causal-conv1d"]) == ("2.2.4", "1.5.0")
+
+
 def fake_package(root: Path) -> Path:
     (root / "hpcds" / "render" / "templates").mkdir(parents=True)
     (root / "hpcds" / "__init__.py").write_text('__version__ = "9.9"\n')
