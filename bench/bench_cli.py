@@ -104,6 +104,7 @@ FLOOR_IMPORTS = {
     "the same without the plugin scan": _NO_PLUGIN_SCAN + _PYDANTIC_MODEL,
     "rich table printed": _RICH_TABLE,
     "click, yaml, jinja2, model (no scan)": "import click, yaml, jinja2\n" + _NO_PLUGIN_SCAN + _PYDANTIC_MODEL,
+    "click, rich table (status)": "import click\n" + _RICH_TABLE,
 }
 
 
