@@ -100,8 +100,12 @@ sys.__stdout__.write("\\nLOADED=" + json.dumps([code, loaded]) + "\\n")
             ["render", "configs/quickstart.yaml"],
             ["hpcds.cli.common", "hpcds.cli.render_cmd", "hpcds.cli.template_cache", "jinja2", "pydantic"],
         ),
+        (  # rich only for the table, jinja2 only to render
+            ["plan", "configs/quickstart.yaml", "--json"],
+            ["hpcds.cli.common", "hpcds.cli.plan_cmd", "hpcds.cli.template_cache", "pydantic"],
+        ),
     ],
-    ids=["help", "version", "render"],
+    ids=["help", "version", "render", "plan --json"],
 )
 def test_start_up_imports_only_what_the_command_needs(argv, expected):
     result = subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
