@@ -140,3 +140,17 @@ def test_hpcds_render_writes_the_cache_once_and_then_reads_it(tmp_path):
         inodes.append(stored.stat().st_ino)
     assert outputs[0] == outputs[1] and outputs[0].startswith("#!/bin/bash")
     assert inodes[0] == inodes[1]
+
+
+def test_no_home_folder_means_no_cache(monkeypatch):
+    import hpcds.cli.template_cache
+    from hpcds.cli.common import use_template_cache
+    from hpcds.render import sbatch
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(sbatch, "bytecode_cache", None)
+    monkeypatch.setattr(hpcds.cli.template_cache, "hpcds_cache_dir", no_home)
+    use_template_cache()
+    assert sbatch.bytecode_cache is None

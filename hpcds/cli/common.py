@@ -75,8 +75,13 @@ def use_template_cache() -> None:
     from hpcds.cli.template_cache import TemplateCache, hpcds_cache_dir
     from hpcds.render import sbatch
 
-    if sbatch.bytecode_cache is None:
-        sbatch.bytecode_cache = TemplateCache(hpcds_cache_dir() / "templates")
+    if sbatch.bytecode_cache is not None:
+        return
+    try:
+        folder = hpcds_cache_dir() / "templates"
+    except RuntimeError:  # no home folder to be found (HOME unset, a uid without a passwd entry): compile instead
+        return
+    sbatch.bytecode_cache = TemplateCache(folder)
 
 
 def force_option(func):
