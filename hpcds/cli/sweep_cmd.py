@@ -90,12 +90,13 @@ def submit_sweep(
         for task, point in zip(record["tasks"], points, strict=True):
             task["label"] = point_label(point)
         runs.write_json_atomic(sweep_dir / SWEEP_FILE, record)
-        if not dry_run:
-            _submit(sweep_dir, record, checked[0][0], runs_root)
+        job_id = None if dry_run else _sbatch(sweep_dir, checked[0][0], runs_root)
     except BaseException:
         for path in [*created, sweep_dir]:
             shutil.rmtree(path, ignore_errors=True)
         raise
+    if job_id is not None:  # from here on the array's jobs use the directories: nothing is removed
+        _record_job(sweep_dir, record, job_id, runs_root)
     return record
 
 
@@ -183,9 +184,9 @@ def _create_tasks(sweep_dir: Path, runs_root: Path, checked, points, max_paralle
     }
 
 
-def _submit(sweep_dir: Path, record: dict, pinned, runs_root: Path) -> None:
-    """One sbatch of the array; each task's run directory records its job id `<array job>_<task>`."""
-    from hpcds.cli.submit_cmd import BAD_NODE_MEMORY_S, JOB_NAME_FLAG, recently_bad_nodes
+def _sbatch(sweep_dir: Path, pinned, runs_root: Path) -> str:
+    """One sbatch of the array's script, leaving out the nodes earlier runs of the spec excluded; its job id."""
+    from hpcds.cli.submit_cmd import BAD_NODE_MEMORY_S, recently_bad_nodes
 
     avoid = recently_bad_nodes(runs_root, pinned.name, but=sweep_dir) if pinned.slurm.exclude_bad_nodes else []
     if avoid:
@@ -196,20 +197,25 @@ def _submit(sweep_dir: Path, record: dict, pinned, runs_root: Path) -> None:
         )
     own = [flag.split("=", 1)[1] for flag in pinned.slurm.extra_sbatch if flag.startswith("--exclude=")]
     exclude = [*own, *avoid] if avoid else []
-    script = sweep_dir / facts.SCRIPT_FILE
-    job_id = slurm.sbatch(script, cwd=sweep_dir, extra_args=[f"--exclude={','.join(exclude)}"] if exclude else [])
+    extra = [f"--exclude={','.join(exclude)}"] if exclude else []
+    return slurm.sbatch(sweep_dir / facts.SCRIPT_FILE, cwd=sweep_dir, extra_args=extra)
+
+
+def _record_job(sweep_dir: Path, record: dict, job_id: str, runs_root: Path) -> None:
+    """The array's job id in sweep.json, and each task's `<array job>_<task>` in its run directory (meta.json and a
+    `submitted` event naming the sweep)."""
+    from hpcds.cli.submit_cmd import JOB_NAME_FLAG
+
     record["job_id"] = job_id
     runs.write_json_atomic(sweep_dir / SWEEP_FILE, record)
-    job_name = next(
-        line.split("=", 1)[1].strip() for line in script.read_text().splitlines() if line.startswith(JOB_NAME_FLAG)
-    )
+    script = (sweep_dir / facts.SCRIPT_FILE).read_text().splitlines()
+    job_name = next(line.split("=", 1)[1].strip() for line in script if line.startswith(JOB_NAME_FLAG))
     for task in record["tasks"]:
         run_dir, task_job = runs_root / task["run"], f"{job_id}_{task['index']}"
         runs.update_meta(run_dir, job_ids=[task_job])
         runs.append_event(
-            run_dir, "submitted", job_id=task_job, job_name=job_name, exclude=exclude, sweep=record["name"],
-            task=task["index"],
-        )  # fmt: skip
+            run_dir, "submitted", job_id=task_job, job_name=job_name, sweep=record["name"], task=task["index"]
+        )
 
 
 def read_sweep(runs_root: Path, name: str) -> dict[str, Any] | None:
