@@ -368,14 +368,17 @@ def append_event(run_dir, event, **fields):
 
 @pytest.mark.slurm
 @pytest.mark.deepspeed
-def test_real_slurm_a_snapshot_run_trains_from_its_copy_after_the_installed_package_changed(slurm_cluster, tmp_path):
+def test_real_slurm_a_snapshot_run_trains_and_requeues_from_its_copy_after_the_installed_package_changed(
+    slurm_cluster, tmp_path
+):
     # "Installed": a copy of the hpcds under test, first on PYTHONPATH for `hpcds submit` (and, through sbatch's
-    # environment, for the job). It changes after submit; the run's snapshot must not.
+    # environment, for the job). It changes after submit; the run's snapshot must not, in either allocation.
     installed = tmp_path / "site"
     shutil.copytree(versions.package_dir(), installed / "hpcds", ignore=shutil.ignore_patterns("__pycache__"))
     env = {"PYTHONPATH": f"{installed}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep)}
-    sets = ["slurm.snapshot=true", "training.max_steps=2", "training.warmup_steps=1", "checkpoint.every_steps=2"]
+    sets = ["slurm.snapshot=true", "training.max_steps=4", "training.warmup_steps=1", "checkpoint.every_steps=2"]
     sets += ["training.eval_interval_steps=0", "slurm.ranks_per_node=1", "slurm.preflight=false"]
+    sets += ["slurm.env={HPCDS_TEST_FAULT: signal_at:2:USR2}"]  # saves at step 2 and requeues itself
     runs_root = tmp_path / "runs"
     run_dir, job_id = submit_held(runs_root, *sets, env=env)
     try:
@@ -385,21 +388,31 @@ def test_real_slurm_a_snapshot_run_trains_from_its_copy_after_the_installed_pack
         with open(installed / "hpcds" / "runs.py", "a") as handle:
             handle.write(MARKED)
         assert versions.code_digest(installed / "hpcds") != meta["hpcds_code"]
-        set_recorded(run_dir, "transformers", "0.0.1")
         subprocess.run(["scontrol", "release", job_id], check=True)
+        # Between the first allocation's stop and the requeued start, "transformers is upgraded".
+        deadline = time.monotonic() + 240
+        while not [e for e in runs.read_events(run_dir) if e["event"] == "stopped"]:
+            assert time.monotonic() < deadline, runs.read_events(run_dir)
+            time.sleep(0.2)
+        set_recorded(run_dir, "transformers", "0.0.1")
         ended = wait_for_exit(run_dir, job_id, 300)
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
     events = runs.read_events(run_dir)
     assert ended["class"] == "finished", events
+    assert [e["class"] for e in events if e["event"] == "exited"] == ["requeued", "finished"]
     assert [e for e in events if "marker" in e] == []  # neither hpcds launch nor a rank imported the changed copy
-    assert [e["step"] for e in events if e["event"] == "finished"] == [2]
-    (launched,) = [e for e in events if e["event"] == "launch"]
-    assert launched["hpcds_path"] == str(snapshot.snapshot_package(run_dir))
+    assert [e["step"] for e in events if e["event"] in ("train_start", "finished")] == [0, 2, 4]
+    launched = [e for e in events if e["event"] == "launch"]
+    assert [(e["restart"], e["hpcds_path"]) for e in launched] == [
+        (0, str(snapshot.snapshot_package(run_dir))),
+        (1, str(snapshot.snapshot_package(run_dir))),
+    ]
     (changed,) = [e for e in events if e["event"] == "environment_changed"]
     transformers_now = versions.current_record()["versions"]["transformers"]
-    # The code it ran is the code recorded at submit: only the planted transformers change shows.
-    assert (changed["action"], changed["changed"]) == ("warn", {"transformers": ["0.0.1", transformers_now]})
+    # Checked again at the requeued start; the code it ran is the code recorded at submit: only the planted change.
+    assert (changed["restart"], changed["action"]) == (1, "warn")
+    assert changed["changed"] == {"transformers": ["0.0.1", transformers_now]}
     (row,) = json.loads(hpcds(runs_root, "status", run_dir.name, "--json").stdout)
     assert row["state"] == "COMPLETED" and row["versions_changed"] == changed["changed"]
     print(f"\nsnapshot at submit: {meta['snapshot']['files']} files, {meta['snapshot']['seconds']} s")
