@@ -70,9 +70,11 @@ def find_resumable_run(root: Path, spec_text: str) -> Path | None:
 
 
 def same_name_run(root: Path, name: str) -> Path | None:
-    """The newest run under `root` made from a spec named `name`."""
+    """The newest local run under `root` made from a spec named `name` (a Slurm run of the name is no run that
+    `hpcds run` would have resumed)."""
     for run_dir in reversed(runs.list_runs(root)):
-        if runs.read_meta(run_dir).get("spec_name") == name:
+        meta = runs.read_meta(run_dir)
+        if meta.get("spec_name") == name and meta.get("local"):
             return run_dir
     return None
 
