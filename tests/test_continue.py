@@ -238,3 +238,21 @@ def test_a_finished_run_continues_with_more_steps_then_on_fewer_ranks(tmp_path, 
     )
     assert refused.returncode == 1 and "model.d_model: 32 -> 64" in refused.stderr
     assert "Traceback" not in refused.stderr and not (run_dir / "spec-3.yaml").exists()
+
+
+def test_status_shows_spec_changes_and_what_a_pending_job_waits_for():
+    from hpcds.slurm.parse import JobState
+    from hpcds.slurm.status import run_status, spec_change_lines
+
+    events = [
+        {"time": 1.0, "event": "created"},
+        {"time": 2.0, "event": "spec_changed", "resume_step": 8, "changes": [
+            {"field": "training.max_steps", "old": 8, "new": 12},
+            {"field": "slurm.nodes", "old": 1, "new": 2},
+        ]},
+        {"time": 3.0, "event": "submitted", "job_id": "77", "job_name": "tiny", "dependency": "afterok:76"},
+    ]  # fmt: skip
+    job = JobState("77", "PENDING", "Dependency", "", 1, 0, 60, 0, "debug", None, "tiny")
+    row = run_status("tiny-1", {"job_ids": ["77"]}, events, None, {}, {"77": job}, now=10.0)
+    assert (row.state, row.reason) == ("PENDING", "Dependency (afterok:76)")
+    assert spec_change_lines(row.spec_changes) == ["from step 8: training.max_steps 8 -> 12, slurm.nodes 1 -> 2"]
