@@ -35,8 +35,10 @@ def train(t: Trainer) -> int:
     every = t.settings.spec.training
     while t.state.step < t.settings.max_steps:
         signum = t.flag.agree(written=t.saver.written())
-        if t.flag.written_ranks == t.settings.world:  # every rank's background write is done: commit it here
+        # The save in flight commits once every rank has written it, or before a test fault that stands for a crash.
+        if t.flag.written_ranks == t.settings.world or t.flag.commit_first:
             t.commit_save()
+        t.flag.fire()
         if signum:
             return t.stop(signum)
         loss = t.train_step()

@@ -11,7 +11,8 @@ mask and unblock it only once their handler is in place.
 `kill_in_save:N` SIGKILLs rank 0 in the middle of step N's save (after the shards, before the commit),
 `kill_in_async_write:N` SIGKILLs rank 0 from its background writer once step N's files are written, before the commit
 (training has gone on meanwhile), `async_write_sleep:S` makes every background write start S seconds late,
-`raise_after:K` makes rank 0 raise at its K-th step boundary after each start (a failing job that still makes progress;
+`raise_after:K` makes rank 0 raise at its K-th step boundary after each start, once a save in flight is committed (a
+failing job that still makes progress;
 `raise_after:K@HOST` only where rank 0 runs on HOST: a bad node),
 `hang_after:K` makes rank 0 sleep there instead, in a job's first allocation only (a hung job: the other ranks wait
 in the collective, heartbeats stop), `stop_save_sleep:S` makes rank 0 sleep S seconds before the save a stop signal
@@ -38,6 +39,8 @@ class StopFlag:
         self.signum = 0
         self.boundaries = 0  # step boundaries seen by this process, for the test faults
         self.written_ranks = 0  # ranks whose background checkpoint write was done at the last boundary
+        self.commit_first = False  # a test fault is due at this boundary: the save in flight commits before it
+        self._raise_due = False
         self.faults = faults_from_env()
 
     def _handle(self, signum, frame) -> None:
@@ -65,13 +68,14 @@ class StopFlag:
 
         self.boundaries += 1
         self._inject_faults()
-        flags = torch.zeros(len(STOP_SIGNUMS) + 1, dtype=torch.float32, device=collective_device())
+        flags = torch.zeros(len(STOP_SIGNUMS) + 2, dtype=torch.float32, device=collective_device())
         if self.signum:
             flags[STOP_SIGNUMS.index(self.signum)] = 1.0
-        flags[-1] = float(written)
+        flags[-2], flags[-1] = float(self._raise_due), float(written)
         comm.all_reduce(flags)
         counts = flags.tolist()
         self.written_ranks = int(counts.pop())
+        self.commit_first = counts.pop() > 0
         for sig, count in zip(STOP_SIGNUMS, counts, strict=True):
             if count > 0:
                 return int(sig)
@@ -81,8 +85,9 @@ class StopFlag:
         if os.environ.get("RANK", "0") != "0":
             return
         on_host = self.faults.raise_on_host in (None, socket.gethostname())
-        if self.faults.raise_after == self.boundaries - 1 and on_host:
-            raise RuntimeError(f"HPCDS_TEST_FAULT raise_after:{self.faults.raise_after}: injected failure")
+        # Raised by `fire`, once the save in flight is committed: the fault stands for a failure after progress
+        # that a synchronous save would have committed already.
+        self._raise_due = self.faults.raise_after == self.boundaries - 1 and on_host
         restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         if self.faults.step_sleep_s and restart < self.faults.step_sleep_allocations:
             import time
@@ -94,6 +99,11 @@ class StopFlag:
 
             while True:  # a real hang: no heartbeat, the other ranks block in the collective
                 time.sleep(60)
+
+    def fire(self) -> None:
+        """Raise the raise_after fault agreed due at this boundary (rank 0), after the trainer committed."""
+        if self._raise_due:
+            raise RuntimeError(f"HPCDS_TEST_FAULT raise_after:{self.faults.raise_after}: injected failure")
 
 
 def collective_device():
