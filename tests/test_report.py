@@ -271,8 +271,8 @@ def test_a_background_save_counts_its_copy_as_blocking_and_its_writing_as_backgr
         {"time": 13.0, "event": "finished", "step": 7},
         exited(13.5, 0, "finished", 0),
     ]
-    losses = steps(1, 4, at=6) + [{"step": 5, "loss": 0.2, "time": 10.3}, {"step": 6, "loss": 0.2, "time": 11.3}]
-    losses += [{"step": 7, "loss": 0.1, "time": 12.5}]
+    later = [{"step": 5, "loss": 0.2, "time": 10.3}, {"step": 6, "loss": 0.2, "time": 11.3}]
+    losses = [*steps(1, 4, at=6), *later, {"step": 7, "loss": 0.1, "time": 12.5}]
     report = build_report("r", {}, events, losses, CPU)
     assert (report.saves, report.save_blocking_s, report.save_background_s) == (1, 0.4, pytest.approx(2.1))
     # Step 5 began when the copy was done (9.3), step 7 at the commit (11.5): the save's blocking parts are not
