@@ -270,7 +270,8 @@ def run_status(
     job_id = latest_job_id(meta, events)
     row.job_id = job_id
     own = allocation_job_id(job_id, events)  # the id in the events (an array task's own)
-    row.sweep = next((e["sweep"] for e in reversed(events) if e["event"] == "submitted" and e.get("sweep")), meta.get("sweep"))
+    sweeps = [e["sweep"] for e in events if e["event"] == "submitted" and e.get("sweep")]
+    row.sweep = sweeps[-1] if sweeps else meta.get("sweep")
     newest_beat = max((_as_float(b.get("time")) or 0.0 for b in heartbeats.values()), default=0.0)
     progress_time = _as_float((progress or {}).get("time")) or 0.0
     fresh_age_s = now - max(newest_beat, progress_time) if max(newest_beat, progress_time) > 0 else None
