@@ -623,3 +623,33 @@ def test_two_node_run_requeued_by_scontrol_saves_on_term_and_resumes_at_that_ste
     print(
         f"scontrol2: TERM at step {case.notes['requeued_at_step']}, committed {case.notes['signal_to_checkpoint_s']} s"
     )
+
+
+# -- a warning while a background save is in flight ------------------------------------------------------------------
+def warn_during_background_write(case: Case) -> None:
+    """USR2 once 6 steps are trained: step 4's background write, held back 8 s, is still in flight."""
+    wait_until(f"{case.name}: 6 steps", lambda: case.trained_since_start(6, 0), 600)
+    slurm.run(["scancel", "--signal=USR2", case.job_id])
+
+
+CASES["async_inflight"] = Case(
+    "async_inflight",
+    SPEC,
+    warn_during_background_write,
+    env={"HPCDS_TEST_FAULT": "step_sleep:0.3,async_write_sleep:8"},
+)
+GROUPS[0].append("async_inflight")
+
+
+@pytest.mark.slurm
+def test_a_warning_during_a_background_write_commits_it_then_saves_and_matches(cases):
+    case, ref = cases("async_inflight"), cases("reference")
+    assert case.ended["class"] == "finished", case.ended
+    (stop,) = events(case.run_dir, "stopped")
+    before = [e for e in events(case.run_dir, "checkpoint") if e["time"] <= stop["time"]]
+    # Step 4's save was still being written when the warning came: the stop committed it, then saved its own step.
+    assert [(e["step"], e["background"]) for e in before] == [(4, True), (stop["step"], False)], before
+    assert before[0]["committed_at_step"] == stop["step"] > 4
+    assert [e["step"] for e in events(case.run_dir, "train_start")] == [0, stop["step"]]
+    assert not case.leftovers, case.leftovers
+    assert_same_training(ref.run_dir, case.run_dir)
