@@ -139,3 +139,28 @@ def test_a_source_without_the_checkpoint_is_refused_before_anything_is_created(t
     assert [d.name for d in runs.list_runs(tmp_path)] == [source.name]
     with pytest.raises(HpcdsError, match="no run 'nothing-here'"):
         prepare_run(local_spec(validate_spec(tiny_tree("s", 3, 1, init_from="nothing-here")), 1), tmp_path, new=True)
+
+
+@pytest.mark.deepspeed
+def test_lora_adapters_train_on_a_base_initialised_from_a_run(tmp_path):
+    sys.path.insert(0, str(REPO / "tests" / "fixtures"))
+    from tiny_hf import LORA_TARGETS, launch_env, relaunch, tiny_spec, train_run, write_tiny_qwen3
+
+    from hpcds.cli.train_cmd import prepare_run
+    from hpcds.model_folder import with_folder_shape
+
+    env = launch_env(tmp_path / "data-cache")
+    base = write_tiny_qwen3(tmp_path / "base")
+    spec, _ = with_folder_shape(tiny_spec("full", {"type": "hf", "path": str(base)}, 2, max_steps=4))
+    full, code = train_run(tmp_path / "runs", spec, env)
+    assert code == 0
+    lora = {"r": 4, "alpha": 8, "target_modules": LORA_TARGETS}
+    model = {"type": "hf", "path": str(base), "lora": lora, "init_from": f"{full}:final"}
+    spec, _ = with_folder_shape(tiny_spec("adapters", model, 2, max_steps=2))
+    run_dir, _ = prepare_run(spec, tmp_path / "runs", new=True)
+    assert relaunch(run_dir, env) == 0
+    (loaded,) = events(run_dir, "init_from")
+    assert loaded["source_run"] == full.name and loaded["step"] == 4
+    # lora_B starts at zero, so the adapted model is the loaded base: stage 1's final probe loss exactly
+    (probe,) = events(run_dir, "init_probe")
+    assert probe["ok"] and abs(probe["loss"] - probe["saved_loss"]) <= 1e-5 * abs(probe["saved_loss"]), probe
