@@ -113,16 +113,9 @@ def submit_run(
         runs.update_meta(run_dir, after=[d.name for d in after])
     if dry_run:
         return run_dir, None
-    avoid = recently_bad_nodes(runs_root, pinned.name, but=run_dir) if pinned.slurm.exclude_bad_nodes else []
-    if avoid:
-        err_console.print(
-            f"leaving out {','.join(avoid)}: excluded by earlier runs of {pinned.name} within "
-            f"{BAD_NODE_MEMORY_S // 86400} days (hpcds status --nodes)",
-            highlight=False,
-        )
-    own = [flag.split("=", 1)[1] for flag in pinned.slurm.extra_sbatch if flag.startswith("--exclude=")]
+    exclude = exclude_at_submit(pinned, runs_root, but=run_dir)
     try:
-        job_id = sbatch_run(run_dir, exclude=[*own, *avoid] if avoid else [], after_jobs=waits_for)
+        job_id = sbatch_run(run_dir, exclude=exclude, after_jobs=waits_for)
     except BaseException:
         if resume is None:
             runs.remove_run(run_dir)
@@ -158,6 +151,21 @@ def sbatch_run(run_dir: Path, exclude: list[str] = (), after_jobs: list[str] = (
 # How long a node that a run's batch script excluded is left out of new submits of the same spec: long enough for
 # the next tries of a week's work, short enough that a repaired node comes back.
 BAD_NODE_MEMORY_S = 7 * 86400
+
+
+def exclude_at_submit(pinned, runs_root: Path, *, but: Path) -> list[str]:
+    """sbatch's `--exclude` nodes for a new job of `pinned`: its own plus those earlier runs of the spec excluded
+    recently (said on stderr), or [] when there are none of the latter (the script's own line then stands)."""
+    avoid = recently_bad_nodes(runs_root, pinned.name, but=but) if pinned.slurm.exclude_bad_nodes else []
+    if not avoid:
+        return []
+    err_console.print(
+        f"leaving out {','.join(avoid)}: excluded by earlier runs of {pinned.name} within "
+        f"{BAD_NODE_MEMORY_S // 86400} days (hpcds status --nodes)",
+        highlight=False,
+    )
+    own = [flag.split("=", 1)[1] for flag in pinned.slurm.extra_sbatch if flag.startswith("--exclude=")]
+    return [*own, *avoid]
 
 
 def recently_bad_nodes(runs_root: Path, name: str, *, but: Path) -> list[str]:

@@ -22,7 +22,7 @@ import click
 
 from hpcds import facts, runs, slurm
 from hpcds.cli import COMMAND_SETTINGS
-from hpcds.cli.common import console, err_console, force_option, print_json, runs_root_option, spec_options
+from hpcds.cli.common import console, force_option, print_json, runs_root_option, spec_options
 from hpcds.errors import HpcdsError
 
 SWEEP_FILE = "sweep.json"  # in the sweep folder: the grid, the array job id, and task -> run directory
@@ -186,17 +186,9 @@ def _create_tasks(sweep_dir: Path, runs_root: Path, checked, points, max_paralle
 
 def _sbatch(sweep_dir: Path, pinned, runs_root: Path) -> str:
     """One sbatch of the array's script, leaving out the nodes earlier runs of the spec excluded; its job id."""
-    from hpcds.cli.submit_cmd import BAD_NODE_MEMORY_S, recently_bad_nodes
+    from hpcds.cli.submit_cmd import exclude_at_submit
 
-    avoid = recently_bad_nodes(runs_root, pinned.name, but=sweep_dir) if pinned.slurm.exclude_bad_nodes else []
-    if avoid:
-        err_console.print(
-            f"leaving out {','.join(avoid)}: excluded by earlier runs of {pinned.name} within "
-            f"{BAD_NODE_MEMORY_S // 86400} days (hpcds status --nodes)",
-            highlight=False,
-        )
-    own = [flag.split("=", 1)[1] for flag in pinned.slurm.extra_sbatch if flag.startswith("--exclude=")]
-    exclude = [*own, *avoid] if avoid else []
+    exclude = exclude_at_submit(pinned, runs_root, but=sweep_dir)
     extra = [f"--exclude={','.join(exclude)}"] if exclude else []
     return slurm.sbatch(sweep_dir / facts.SCRIPT_FILE, cwd=sweep_dir, extra_args=extra)
 
