@@ -73,13 +73,6 @@ def new_wandb_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def package_versions() -> dict[str, str | None]:
-    """Versions from package metadata: cheap, and does not import torch or deepspeed on a login node."""
-    from hpcds.versions import package_versions
-
-    return package_versions()
-
-
 def create_run(root: Path, prefix: str, files_for: Callable[[Path], dict[str, str]], meta: dict[str, Any]) -> Path:
     """Create a new run directory `<root>/<prefix>-<YYYYmmdd-HHMMSS>[-N]` holding the files `files_for(path)` returns.
 

@@ -84,6 +84,15 @@ def test_a_field_not_known_safe_is_refused():
     old = resolved(tiny_tree())
     new = resolved(tiny_tree() | {"deepspeed": {"zero_stage": 3}, "wandb": {"mode": "disabled", "project": "other"}})
     assert {c.path for c in compare_specs(old, new).refused} == {"deepspeed.zero_stage", "wandb.project"}
+    # slurm.* is safe but for the snapshot, which only a new run gets; how saves are written and which kernels run
+    # leave the checkpoint's meaning alone
+    tree = tiny_tree() | {"checkpoint": {"every_steps": 4, "keep_last": 2, "async_save": False}}
+    tree["model"] = tree["model"] | {"kernels": "reference"}
+    tree["slurm"] = tree["slurm"] | {"snapshot": True}
+    comparison = compare_specs(old, resolved(tree))
+    assert {c.path for c in comparison.safe} == {"checkpoint.async_save", "model.kernels"}
+    assert [c.path for c in comparison.refused] == ["slurm.snapshot"]
+    assert "made when the run is created" in str(refusal(comparison, "x"))
 
 
 def _training(**fields):
@@ -151,6 +160,28 @@ def test_continue_records_the_change_and_keeps_the_old_spec(tmp_path):
     other = local_spec(validate_spec(tiny_tree(decay="cosine", max_steps=16)), 2)
     with pytest.raises(HpcdsError, match=r"(?s)training.max_steps: 12 -> 16.*--resume .*--new"):
         prepare_run(other, tmp_path)
+
+
+def test_a_spec_saying_auto_continues_with_the_runs_pinned_strategy(tmp_path):
+    from hpcds.cli.train_cmd import local_spec, prepare_run
+    from hpcds.spec import validate_spec
+
+    pinned = tiny_tree() | {"deepspeed": {"zero_stage": 2, "offload_optimizer": "cpu"}}
+    run_dir = _local_run(tmp_path, pinned)
+    auto = local_spec(validate_spec(tiny_tree(max_steps=12) | {"deepspeed": {"zero_stage": "auto"}}), 2)
+    assert prepare_run(auto, tmp_path, resume=run_dir) == (run_dir, True)
+    changed = [e for e in runs.read_events(run_dir) if e["event"] == "spec_changed"]
+    assert changed[-1]["changes"] == [{"field": "training.max_steps", "old": 8, "new": 12}]
+    assert yaml.safe_load((run_dir / facts.SPEC_FILE).read_text())["deepspeed"]["offload_optimizer"] == "cpu"
+
+
+def test_init_from_a_spec_name_takes_its_newest_run_by_creation_time(tmp_path):
+    from hpcds.cli.continuing import find_source_run
+
+    for name, created in (("base-20261201-000000", 2.0), ("base-t9-20261130-000000", 1.0)):
+        (tmp_path / name).mkdir()
+        runs.write_json_atomic(tmp_path / name / facts.META_FILE, {"spec_name": "base", "created": created})
+    assert find_source_run(tmp_path, "base").name == "base-20261201-000000"
 
 
 def test_a_run_with_a_live_job_is_not_changed(tmp_path, monkeypatch):

@@ -255,11 +255,13 @@ def test_an_allocation_killed_before_logging_its_exit_is_not_running_once_the_ne
 
 
 def test_versions_changed_lists_only_differences():
-    from hpcds.train.__main__ import changed_versions
+    from hpcds.versions import changes
 
-    then = {"hpcds": "0.1.0", "torch": "2.5.0", "deepspeed": "0.16.0"}
-    assert changed_versions(then, dict(then)) == {}
-    assert changed_versions(then, {**then, "torch": "2.6.0"}) == {"torch": ["2.5.0", "2.6.0"]}
+    then = {"versions": {"hpcds": "0.1.0", "torch": "2.5.0", "deepspeed": "0.16.0", "mamba-ssm": None}}
+    now = {"versions": {**then["versions"], "mamba-ssm": "2.2.4"}}  # missing on the login node: not compared
+    assert changes(then, now) == {}
+    now["versions"]["torch"] = "2.6.0"
+    assert changes(then, now) == {"torch": ["2.5.0", "2.6.0"]}
 
 
 def test_test_faults_parse():

@@ -66,17 +66,22 @@ def busy_reason(run_dir: Path) -> str | None:
     return "it is training on this machine" if state == "RUNNING" and age is not None and age < LOCAL_ALIVE_S else None
 
 
-def pin_stage_of(run_dir: Path, spec):
-    """`spec` with the run's pinned ZeRO stage where `spec` says auto (the planner could pick another for new
-    resources, and a run's stage is pinned for its whole life)."""
+def pin_to_run(run_dir: Path, spec):
+    """`spec` with what `run_dir` pinned for its whole life where `spec` leaves it open: the ZeRO stage and offloads
+    where it says auto (the planner could pick others for new resources), and model.init_from as resolved when the
+    run was made (its source is not looked up again: a continue resumes from the run's own checkpoints)."""
     from hpcds.spec import deep_merge, load_spec, validate_spec
 
-    if spec.deepspeed.zero_stage != "auto":
-        return spec
     old = load_spec(Path(run_dir) / facts.SPEC_FILE)
-    return validate_spec(
-        deep_merge(spec.model_dump(mode="json"), {"deepspeed": {"zero_stage": old.deepspeed.zero_stage}}), "--resume"
-    )
+    update: dict[str, Any] = {}
+    if spec.deepspeed.zero_stage == "auto":
+        fields = ("zero_stage", "offload_optimizer", "offload_params")
+        update["deepspeed"] = {key: getattr(old.deepspeed, key) for key in fields}
+    if spec.model.init_from and old.model.init_from:
+        update["model"] = {"init_from": old.model.init_from}
+    if not update:
+        return spec
+    return validate_spec(deep_merge(spec.model_dump(mode="json"), update), "--resume")
 
 
 def next_history_name(run_dir: Path) -> str:
@@ -159,9 +164,10 @@ def find_source_run(runs_root: Path, name: str) -> Path:
     try:
         return runs.find_run(runs_root, name)
     except HpcdsError:
-        named = [d for d in runs.list_runs(runs_root) if runs.read_meta(d).get("spec_name") == name]
-        if named:
-            return named[-1].absolute()
+        named = [(runs.read_meta(d), d) for d in runs.list_runs(runs_root)]
+        named = [(meta.get("created") or 0, d) for meta, d in named if meta.get("spec_name") == name]
+        if named:  # the newest by creation time: names sort sweep tasks (`<name>-t<i>-...`) after the others
+            return max(named)[1].absolute()
         raise
 
 

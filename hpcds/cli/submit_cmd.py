@@ -83,14 +83,12 @@ def submit_run(
 ) -> tuple[Path, str | None]:
     """Create the run directory (or continue `resume`'s) and (unless dry_run) submit it, after the jobs of the runs
     in `after`; a new run directory is not left behind when sbatch fails."""
-    from hpcds.cli.continuing import continue_run, dependency_jobs, describe, pin_init_from, pin_stage_of
+    from hpcds.cli.continuing import continue_run, dependency_jobs, describe, pin_init_from, pin_to_run
     from hpcds.cli.render_cmd import checked_run_files, record_forced
     from hpcds.render import hpcds_command, render_sbatch
     from hpcds.snapshot import write_snapshot_of_new_run
 
-    spec = pin_init_from(spec, runs_root, after)
-    if resume is not None:
-        spec = pin_stage_of(resume, spec)
+    spec = pin_to_run(resume, spec) if resume is not None else pin_init_from(spec, runs_root, after)
     pinned, files, forced = checked_run_files(spec, force)
     hpcds_cmd = hpcds_command(snapshot=pinned.slurm.snapshot)
     waits_for = dependency_jobs(after)

@@ -72,6 +72,7 @@ def submit_sweep(
 ) -> dict[str, Any]:
     """Validate and check every point, create the sweep folder and one run directory per task, and (unless dry_run)
     submit the job array; nothing is left behind when a check or sbatch fails."""
+    from hpcds.cli.continuing import pin_init_from
     from hpcds.spec.grid import expand, parse_grid, point_label, point_specs
 
     grid = parse_grid(axes)
@@ -84,7 +85,8 @@ def submit_sweep(
     try:
         env = base.setdefault("slurm", {}).setdefault("env", {})
         env.setdefault(WANDB_GROUP_ENV, sweep_dir.name)  # one W&B group, unless the spec names its own
-        checked = _checked_points(point_specs(base, points, "hpcds sweep"), points, force)
+        specs = [pin_init_from(point_spec, runs_root) for point_spec in point_specs(base, points, "hpcds sweep")]
+        checked = _checked_points(specs, points, force)
         record = _create_tasks(sweep_dir, runs_root, checked, points, max_parallel, created)
         record["axes"] = [[key, values] for key, values in grid]
         for task, point in zip(record["tasks"], points, strict=True):

@@ -110,12 +110,10 @@ def prepare_run(
     """(run directory, reused?) for a local run of `spec` (already one node): `resume`'s run continued with the spec
     (changes recorded), else the newest unfinished run with the identical spec, else a new run (`new`, or no run of
     this name: a run of the same name with another spec, or finished, is an error naming --resume and --new)."""
-    from hpcds.cli.continuing import continue_run, describe, pin_init_from, pin_stage_of
+    from hpcds.cli.continuing import continue_run, describe, pin_init_from, pin_to_run
     from hpcds.cli.render_cmd import checked_run_files, record_forced
 
-    spec = pin_init_from(spec, root)
-    if resume is not None:
-        spec = pin_stage_of(resume, spec)
+    spec = pin_to_run(resume, spec) if resume is not None else pin_init_from(spec, root)
     pinned, files, forced = checked_run_files(spec, force)
     if resume is not None:
         record = continue_run(resume, files, local=True)

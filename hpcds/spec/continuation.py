@@ -19,6 +19,7 @@ from hpcds.errors import HpcdsError
 # - intervals, retention and patience are read by the trainer loop each step, and stored nowhere;
 # - grad_clip is DeepSpeed's config, applied at each step; activation checkpointing only trades memory for compute;
 # - slurm.* is where and how long the run goes: a changed rank count goes through the universal checkpoint;
+# - kernels pick an implementation of the same weights' forward, and async_save only when saves are written;
 # - wandb mode and tags do not move the run (its id stays); preset names where defaults came from, already resolved.
 SAFE_FIELDS = (
     "training.max_steps",
@@ -32,6 +33,8 @@ SAFE_FIELDS = (
     "training.early_stopping_patience",
     "training.grad_clip",
     "training.activation_checkpointing",
+    "model.kernels",
+    "checkpoint.async_save",
     "checkpoint.every_steps",
     "checkpoint.keep_last",
     "checkpoint.keep_every_steps",
@@ -55,6 +58,7 @@ REFUSED_WHY = (
     ("deepspeed.zero_stage", "a run's ZeRO stage is pinned for its whole life"),
     ("deepspeed.", "the optimizer state is partitioned and placed as these settings say"),
     ("checkpoint.dir", "the run's checkpoints are in the old folder"),
+    ("slurm.snapshot", "the copy of hpcds a run runs from is made when the run is created"),
     ("wandb.", "the run's W&B id belongs to the old project"),
     ("name", "the run directory is named after it"),
 )
@@ -94,7 +98,13 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.removesuffix("."): tree}
 
 
+# Inside a safe section, but not safe: the job runs hpcds from the run's copy, made only when the run is created.
+UNSAFE_WITHIN = ("slurm.snapshot",)
+
+
 def is_safe(path: str) -> bool:
+    if path in UNSAFE_WITHIN:
+        return False
     return any(path == field or (field.endswith(".") and path.startswith(field)) for field in SAFE_FIELDS)
 
 

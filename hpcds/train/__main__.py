@@ -177,20 +177,14 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     return trainer
 
 
-def changed_versions(then: dict, now: dict) -> dict[str, list]:
-    """{package: [at submit, now]} for each package whose version differs. No I/O here."""
-    return {
-        name: [then.get(name), now.get(name)]
-        for name in sorted(set(then) | set(now))
-        if then.get(name) != now.get(name)
-    }
-
-
 def warn_if_versions_changed(run_dir: Path) -> None:
     """A resume under other hpcds / torch / DeepSpeed versions than the run was submitted with may not load or may
     train differently: say so (stderr and a `versions_changed` event), and go on."""
+    from hpcds import versions
+
+    # The same comparison as `hpcds launch`'s: a package the submit record has no version of is not compared.
     then = runs.read_meta(run_dir).get("versions") or {}
-    changed = changed_versions(then, runs.package_versions()) if then else {}
+    changed = versions.changes({"versions": then}, {"versions": versions.package_versions()})
     if changed:
         listed = ", ".join(f"{name} {was} -> {now}" for name, (was, now) in changed.items())
         print(f"warning: resuming with other versions than at submit: {listed}", file=sys.stderr, flush=True)
