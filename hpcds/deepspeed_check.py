@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hpcds.cache import cache_dir
 from hpcds.errors import CommandError, Problem, SpecError
 
 RAW = "deepspeed.config"
@@ -43,14 +44,15 @@ def check_with_deepspeed(config: dict[str, Any], world_size: int, source: str = 
     """
     request = json.dumps({"config": config, "world_size": world_size}, sort_keys=True)
     cached = _cache_file(request)
-    answer = _read_cached(cached)
+    answer = _read_cached(cached) if cached else None
     if answer is None:
         argv = [sys.executable, "-m", "hpcds.deepspeed_check"]
         result = subprocess.run(argv, input=request, capture_output=True, text=True)
         if result.returncode != 0 or not result.stdout.strip():
             raise CommandError(argv, result.returncode, result.stderr[-4000:], hint="is DeepSpeed installed here?")
         answer = json.loads(result.stdout.splitlines()[-1])
-        _store(cached, answer)
+        if cached:
+            _store(cached, answer)
     found = [Problem(*fields) for fields in answer["problems"]]
     refused = [problem for problem in found if problem.message != IGNORED]
     if refused:
@@ -58,21 +60,15 @@ def check_with_deepspeed(config: dict[str, Any], world_size: int, source: str = 
     return found
 
 
-def _cache_file(request: str) -> Path:
+def _cache_file(request: str) -> Path | None:
     try:
         version = importlib.metadata.version("deepspeed")
     except importlib.metadata.PackageNotFoundError:
         version = "none"
     # This module's own source is part of the key: a changed way of judging never reuses an old verdict.
     key = hashlib.sha256(f"{version}\n{request}".encode() + Path(__file__).read_bytes()).hexdigest()
-    return cache_dir() / "deepspeed-check" / f"{key}.json"
-
-
-def cache_dir() -> Path:
-    """hpcds's own cache: $HPCDS_CACHE_DIR, else $XDG_CACHE_HOME/hpcds (~/.cache/hpcds)."""
-    if os.environ.get("HPCDS_CACHE_DIR"):
-        return Path(os.environ["HPCDS_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpcds"
+    folder = cache_dir()
+    return folder / "deepspeed-check" / f"{key}.json" if folder else None
 
 
 def _read_cached(path: Path) -> dict | None:

@@ -143,14 +143,17 @@ def test_hpcds_render_writes_the_cache_once_and_then_reads_it(tmp_path):
 
 
 def test_no_home_folder_means_no_cache(monkeypatch):
-    import hpcds.cli.template_cache
+    from hpcds import deepspeed_check
     from hpcds.cli.common import use_template_cache
     from hpcds.render import sbatch
 
     def no_home():
-        raise RuntimeError("Could not determine home directory.")
+        raise RuntimeError("Could not determine home directory.")  # what pathlib says without HOME or passwd entry
 
+    for var in ("HPCDS_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
     monkeypatch.setattr(sbatch, "bytecode_cache", None)
-    monkeypatch.setattr(hpcds.cli.template_cache, "hpcds_cache_dir", no_home)
     use_template_cache()
     assert sbatch.bytecode_cache is None
+    assert deepspeed_check._cache_file("{}") is None  # DeepSpeed's verdict is asked for, not kept

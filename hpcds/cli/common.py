@@ -72,16 +72,15 @@ def spec_options(func):
 def use_template_cache() -> None:
     """Batch-script templates compiled once and kept in hpcds's cache folder (hpcds.cli.template_cache), for the
     commands that render; set before the first render, as the renderer builds its jinja2 environment once."""
-    from hpcds.cli.template_cache import TemplateCache, hpcds_cache_dir
+    from hpcds.cache import cache_dir
+    from hpcds.cli.template_cache import TemplateCache
     from hpcds.render import sbatch
 
     if sbatch.bytecode_cache is not None:
         return
-    try:
-        folder = hpcds_cache_dir() / "templates"
-    except RuntimeError:  # no home folder to be found (HOME unset, a uid without a passwd entry): compile instead
-        return
-    sbatch.bytecode_cache = TemplateCache(folder)
+    folder = cache_dir()
+    if folder is not None:  # else no home folder to be found: compile instead
+        sbatch.bytecode_cache = TemplateCache(folder / "templates")
 
 
 def force_option(func):

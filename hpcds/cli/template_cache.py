@@ -27,13 +27,6 @@ if TYPE_CHECKING:
     from jinja2.bccache import Bucket
 
 
-def hpcds_cache_dir() -> Path:
-    """hpcds's own cache: $HPCDS_CACHE_DIR, else $XDG_CACHE_HOME/hpcds (~/.cache/hpcds)."""
-    if os.environ.get("HPCDS_CACHE_DIR"):
-        return Path(os.environ["HPCDS_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpcds"
-
-
 def _settings(environment: jinja2.Environment) -> list[tuple[str, str]]:
     """What in the environment shapes the compiled code: its plain settings (delimiters, trim_blocks, newline, async,
     ...), extensions, and the names of callables such as `finalize` (a function's repr would hold its address)."""
