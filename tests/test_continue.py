@@ -198,6 +198,18 @@ def test_a_run_with_a_live_job_is_not_changed(tmp_path, monkeypatch):
         continuing.continue_run(run_dir, {}, local=True)
 
 
+def test_resume_says_which_flag_does_not_apply_instead_of_dropping_it(tmp_path):
+    run_dir = _local_run(tmp_path, tiny_tree())
+    done = subprocess.run(
+        [sys.executable, "-m", "hpcds", "resume", run_dir.name, "--after", "other", "--runs-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "--after does not apply to" in done.stderr and "Traceback" not in done.stderr
+    assert not [e for e in runs.read_events(run_dir) if e["event"] == "spec_changed"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Real DeepSpeed ranks
 

@@ -34,8 +34,14 @@ def resume(name, sets, ranks, after, runs_root, force) -> None:
     from hpcds.spec import load_spec
 
     run_dir = runs.find_run(runs_root, name)
+    local = bool(runs.read_meta(run_dir).get("local"))
+    unused = "--after" if local and after else "--ranks" if not local and ranks else None
+    if unused:  # said, not dropped: the run would go on without what was asked
+        kind = "a local run: it starts when this command runs" if local else "a Slurm run: its ranks are its spec's"
+        hint = "" if local else f" (--set slurm.ranks_per_node={ranks})"
+        raise click.UsageError(f"{unused} does not apply to {run_dir.name}, {kind}{hint}")
     spec = load_spec(run_dir / facts.SPEC_FILE, list(sets))
-    if runs.read_meta(run_dir).get("local"):
+    if local:
         from hpcds.cli.train_cmd import _say, local_spec, prepare_run, train_here
         from hpcds.launch import local_devices
 
