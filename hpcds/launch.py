@@ -207,8 +207,8 @@ def check_environment(run_dir: Path, spec, host: str, job_id: str, restart: int)
     if spec.slurm.snapshot and here.resolve() != copy.resolve():
         raise HpcdsError(
             f"slurm.snapshot: this run's hpcds is the copy in {copy}, but {host} runs hpcds from {here}. "
-            f"hint: the batch script puts {copy.parent} first on PYTHONPATH; was the copy removed or PYTHONPATH reset "
-            "in slurm.setup?"
+            f"hint: the batch script puts {copy.parent} first on PYTHONPATH; was the copy removed, or PYTHONPATH "
+            "reset in slurm.srun_args or a wrapper?"
         )
     changed = versions.changes(runs.read_meta(run_dir), versions.current_record())
     if not changed:
