@@ -625,3 +625,17 @@ def test_async_save_host_copy_is_counted_and_refused_where_it_does_not_fit():
     args = ["plan", "--preset", "7b_mamba", "--gpus-per-node", "4", "--nodes", "2", "--json"]
     data = json.loads(CliRunner().invoke(cli, [*args, "--set", "slurm.mem=340G", *(f"--set={s}" for s in sets)]).output)
     assert data["async_save"] is False and data["async_save_reason"] in data["notes"]
+
+
+def test_a_cpu_rank_spec_the_planner_cannot_count_is_judged_only_on_what_it_asks():
+    """A CPU-rank spec of an hf model folder whose shape is not filled in trains (tests, debugging): nothing to
+    refuse. Asking for background saves needs the copy's size, which the planner then cannot give."""
+    from hpcds.errors import HpcdsError
+    from hpcds.plan.strategy import refusals
+    from hpcds.spec import validate_spec
+
+    tree = {"name": "x", "model": {"type": "hf", "path": "/no/such/folder"}, "slurm": {"gpus_per_node": 0}}
+    tree["deepspeed"] = {"zero_stage": 2}
+    assert refusals(validate_spec(tree)) == []
+    with pytest.raises(HpcdsError, match="d_model"):
+        refusals(validate_spec(tree | {"checkpoint": {"async_save": True}}))

@@ -245,12 +245,15 @@ def refusals(spec: JobSpec) -> list[str]:
     fit slurm.mem, a strategy that does not fit its GPUs (`misfit`), a warning lead too short for a save
     (`lead_shortfall`). Specs for CPU ranks are judged on the first alone: the table is GPU memory, and such
     specs (tests, local debugging) may have no planned shape."""
+    judged, asks_async = _judged(spec), spec.checkpoint.async_save is True
+    if not (judged or asks_async):  # nothing to judge: a CPU-rank spec need not have a shape the planner can count
+        return []
     plan = plan_job(spec)
     found = []
-    if spec.checkpoint.async_save is True and not plan.async_save:
+    if asks_async and not plan.async_save:
         hint = "hint: raise slurm.mem, or set checkpoint.async_save: auto (synchronous where the copy does not fit)"
         found.append(f"checkpoint.async_save: {plan.async_save_reason}\n{hint}")
-    if not _judged(spec):
+    if not judged:
         return found
     return found + [why for why in (misfit(spec, plan), lead_shortfall(spec, plan)) if why is not None]
 

@@ -24,8 +24,29 @@ from hpcds.train import checkpoint
 FREE_MEMORY_SHARE = 0.8
 
 
+def agreed_by_all_ranks(verdict: bool) -> bool:
+    """True only where every rank said True. Each rank judges its own node's free memory, and ranks that saved
+    differently would call different collectives at a save and hang: one SUM (DeepSpeed's fast path) settles it."""
+    import torch
+    from deepspeed import comm
+
+    from hpcds.train.preempt import collective_device
+
+    votes = torch.tensor([0.0 if verdict else 1.0], device=collective_device())
+    comm.all_reduce(votes)
+    return votes.item() == 0.0
+
+
 def choose_async(spec: Any) -> tuple[bool, str]:
-    """The planner's verdict for the run's pinned spec, then (unless the spec says true) the node's free memory now:
+    """Whether periodic saves run in the background, the same on every rank (every rank calls this), and why."""
+    verdict, why = judge_async(spec)
+    if agreed_by_all_ranks(verdict) or not verdict:
+        return verdict, why
+    return False, "periodic saves are synchronous: another node has too little free memory for the host copy"
+
+
+def judge_async(spec: Any) -> tuple[bool, str]:
+    """The planner's verdict for the run's pinned spec, then (unless the spec says true) this node's free memory now:
     `slurm.mem` may be unset, and `hpcds run` has none."""
     import psutil
 

@@ -130,10 +130,13 @@ def snapshot_to_host(obj: Any, pin: bool = False, memo: dict | None = None, buff
             on_device = obj.device.type != "cpu"
             host = buffers.take(obj.shape, obj.dtype, pin and on_device)
             host.copy_(obj.detach(), non_blocking=pin and on_device)
-            memo[key] = host
-        return memo[key]
+            # The source is kept with its copy: a freed tensor's address could be reused by another one of this save
+            memo[key] = (obj, host)
+        return memo[key][1]
     if isinstance(obj, dict):
         result = obj.copy()  # keeps OrderedDict and defaultdict what they are
+        if hasattr(obj, "_metadata"):  # a module state dict's versions, which torch.save keeps and copy() drops
+            result._metadata = obj._metadata
         for key, value in obj.items():
             result[key] = snapshot_to_host(value, pin, memo, buffers)
         return result
