@@ -7,51 +7,21 @@ is cancelled at the end, finished or not.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from test_cluster import FEW_STEPS, QUICKSTART, hpcds, wait_for
+from test_cluster import submit as submit_quickstart
 
 from hpcds import facts, runs, slurm
 from hpcds.cli.jobs_cmd import StatusSource
 
 pytestmark = pytest.mark.slurm
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-FEW_STEPS = ["--set", "training.max_steps=4", "--set", "training.warmup_steps=1", "--set", "wandb.mode=disabled"]
-FEW_STEPS += ["--set", "checkpoint.every_steps=2", "--set", "training.eval_interval_steps=2"]
-
-
-def hpcds(runs_root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HPCDS_RUNS_DIR": str(runs_root)}
-    return subprocess.run(
-        [sys.executable, "-m", "hpcds", *args], capture_output=True, text=True, env=env, cwd=runs_root, timeout=120
-    )
-
 
 def submit(runs_root: Path, submitted: list[str], *args: str) -> dict:
-    done = hpcds(runs_root, "submit", QUICKSTART, *FEW_STEPS, "--json", *args)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    submitted.append(result["job_id"])
-    return result
-
-
-def wait_for(runs_root: Path, name: str, states: set[str], timeout_s: float) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        row = StatusSource().rows([runs_root / name])[0].to_dict()
-        if row["state"] in states:
-            return row
-        if time.monotonic() > deadline:
-            pytest.fail(f"run {name} still {row['state']} ({row['reason']}) after {timeout_s} s; wanted {states}")
-        time.sleep(0.5)
+    return submit_quickstart(runs_root, submitted, "--set", "wandb.mode=disabled", *args)
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:
@@ -64,7 +34,18 @@ def test_a_chain_waits_for_its_first_run_and_starts_from_its_weights(tmp_path, s
     name1, job1 = first["name"], first["job_id"]
 
     # Its weights are not there yet: init_from of it without --after is refused, nothing created or queued.
-    early = hpcds(root, "submit", QUICKSTART, *FEW_STEPS, "--name", "chain2", "--set", f"model.init_from={name1}")
+    early = hpcds(
+        root,
+        "submit",
+        QUICKSTART,
+        *FEW_STEPS,
+        "--set",
+        "wandb.mode=disabled",
+        "--name",
+        "chain2",
+        "--set",
+        f"model.init_from={name1}",
+    )
     assert early.returncode == 1 and f"--after {name1}" in early.stderr and "Traceback" not in early.stderr
     assert [d.name for d in runs.list_runs(root)] == [name1]
 
