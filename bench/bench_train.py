@@ -1,7 +1,9 @@
 """Trainer overheads, each as a ratio measured side by side in one run (absolute numbers on a shared disk and CPU are
 noise; ratios taken minutes apart on the same machine are not):
 
-1. step time of the hpcds trainer ÷ a bare DeepSpeed loop (same model, data, optimizer, ranks)   goal <= 1.02
+1. step time of the hpcds trainer ÷ a bare DeepSpeed loop (same model, data, optimizer, ranks, and hpcds's host
+   settings: threads per rank, allocator thresholds)                                             goal <= 1.02
+   and ÷ the same bare loop on torch's and glibc's defaults (what a person gets writing it alone)
 2. checkpoint write bytes/s (DeepSpeed save + per-rank state + CRC-32 + fsync + commit) ÷ `dd conv=fsync`
    of as many bytes to the same disk                                                              goal >= 0.7
 3. resume time (process start to first step: imports, process group, model, engine, verify, load)
@@ -12,7 +14,8 @@ noise; ratios taken minutes apart on the same machine are not):
     python bench/bench_train.py                 # 2 ranks; --help for sizes
     python bench/bench_train.py --rounds 3 --steps 40
 
-The bare loop runs this file under DeepSpeed's launcher (`--bare RUN_DIR`); everything else is driven from here.
+The bare loop runs this file under DeepSpeed's launcher (`--bare RUN_DIR [--host-settings]`); everything else is
+driven from here.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def trainer_step_s(root: Path, spec, ranks: int, warmup: int) -> float:
     return step_times(records, warmup)
 
 
-def bare_step_s(root: Path, spec, ranks: int, warmup: int) -> float:
+def bare_step_s(root: Path, spec, ranks: int, warmup: int, host_settings: bool) -> float:
     from hpcds.launch import _deepspeed_executable, free_port
 
     run_dir = new_run(root, spec)
@@ -110,6 +113,7 @@ def bare_step_s(root: Path, spec, ranks: int, warmup: int) -> float:
         __file__,
         "--bare",
         str(run_dir),
+        *(["--host-settings"] if host_settings else []),
     ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     with open(run_dir / "bench-launch.log", "a") as log:
@@ -120,8 +124,13 @@ def bare_step_s(root: Path, spec, ranks: int, warmup: int) -> float:
     return step_times(records, warmup)
 
 
-def bare_loop(run_dir: Path) -> None:
-    """The reference: what a person writes with DeepSpeed alone. Same model, data, optimizer, lr, config."""
+def bare_loop(run_dir: Path, host_settings: bool) -> None:
+    """The reference: what a person writes with DeepSpeed alone. Same model, data, optimizer, lr, config; with
+    `host_settings`, the trainer's threads and allocator thresholds too."""
+    if host_settings:
+        from hpcds.train.host import apply_host_settings
+
+        apply_host_settings(int(os.environ["LOCAL_SIZE"]))
     import deepspeed
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -248,6 +257,7 @@ def save_bench(root: Path, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bare", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--host-settings", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per step-time run")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the step-time median")
@@ -263,7 +273,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="runs root for the bench (default: a temp folder under ./runs)")
     args = parser.parse_args()
     if args.bare:
-        bare_loop(args.bare)
+        bare_loop(args.bare, args.host_settings)
         return
     Path("runs").mkdir(exist_ok=True)
     root = args.dir or Path(tempfile.mkdtemp(prefix=".bench-", dir="runs"))
@@ -271,18 +281,26 @@ def main() -> None:
     rows = []
     if args.only in (None, "step"):
         spec = spec_for("bench-step", args.d_model, args.layers, args.seq, 4, args.steps, 10**6)
-        bare, trainer = [], []
-        for _ in range(args.rounds):  # alternated, so a drift in machine load hits both sides alike
-            bare.append(bare_step_s(root, spec, args.ranks, args.warmup))
+        bare, tuned, trainer = [], [], []
+        for _ in range(args.rounds):  # alternated, so a drift in machine load hits every side alike
+            bare.append(bare_step_s(root, spec, args.ranks, args.warmup, host_settings=False))
+            tuned.append(bare_step_s(root, spec, args.ranks, args.warmup, host_settings=True))
             trainer.append(trainer_step_s(root, spec, args.ranks, args.warmup))
-        bare_s, trainer_s = statistics.median(bare), statistics.median(trainer)
+        bare_s, tuned_s, trainer_s = (statistics.median(sides) for sides in (bare, tuned, trainer))
         print(
-            f"step model mamba d{args.d_model}x{args.layers} seq {args.seq}, {args.ranks} ranks; "
-            f"s/step per round: bare {[round(b, 4) for b in bare]}, trainer {[round(t, 4) for t in trainer]}"
+            f"step model mamba d{args.d_model}x{args.layers} seq {args.seq}, {args.ranks} ranks; s/step per round: "
+            f"bare {[round(b, 4) for b in bare]}, bare with hpcds's host settings {[round(b, 4) for b in tuned]}, "
+            f"trainer {[round(t, 4) for t in trainer]}"
         )
-        rows.append(
-            ("trainer step time / bare DeepSpeed", f"{trainer_s:.4f} s / {bare_s:.4f} s", trainer_s / bare_s, "<= 1.02")
-        )
+        rows += [
+            (
+                "trainer step / bare, same host settings",
+                f"{trainer_s:.4f} s / {tuned_s:.4f} s",
+                trainer_s / tuned_s,
+                "<= 1.02",
+            ),
+            ("trainer step / bare, torch's defaults", f"{trainer_s:.4f} s / {bare_s:.4f} s", trainer_s / bare_s, ""),
+        ]
     if args.only in (None, "checkpoint"):
         ck = checkpoint_bench(root, args)
         ideal_resume_s = ck["import_s"] + ck["bytes"] / ck["dd_read_bytes_per_s"]

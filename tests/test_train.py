@@ -160,6 +160,12 @@ def test_hpcds_run_ctrl_c_saves_and_the_same_command_resumes(tmp_path):
     assert f"resuming run: {run_dir}" in output and f"resuming from step_{stop_step}" in output
     assert "finished at step 60" in output
     assert "kernels" in output and "ZeRO         stage 2" in output  # the banner
+    # Two ranks share this machine's cores: each gets its share of intra-op threads (unless the environment chose).
+    host = [e for e in runs.read_events(run_dir) if e["event"] == "host"][-1]
+    assert host["local_ranks"] == 2 and host["allocator_tuned"] is True
+    if not os.environ.get("OMP_NUM_THREADS"):
+        assert host["threads"] <= max(1, len(os.sched_getaffinity(0)) // 2), host
+    assert f"{host['threads']} intra-op thread" in output
     records = [json.loads(line) for line in losses.read_text().splitlines()]
     first_loss = sum(r["loss"] for r in records[:3]) / 3
     last_loss = sum(r["loss"] for r in records[-3:]) / 3

@@ -53,13 +53,16 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     from hpcds.spec import load_spec
     from hpcds.train import checkpoint, kernels, models
     from hpcds.train import data as data_mod
+    from hpcds.train.host import apply_host_settings
     from hpcds.train.logging import make_logger
-    from hpcds.train.loop import Settings, Trainer, banner
+    from hpcds.train.loop import Settings, Trainer
     from hpcds.train.schedule import anchored_training, lr_for_spec
 
     phase("imports")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
+    local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))  # ranks on this node
+    host = apply_host_settings(local_ranks)  # before any work: the model's initialisation runs on these threads
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(local_rank)
@@ -143,6 +146,7 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if rank == 0:
         runs.append_event(run_dir, "engine", **engine_facts(engine))
+        runs.append_event(run_dir, "host", **host)
     # Dropout is off in every model hpcds builds; per-rank seeds still make any other randomness rank-specific.
     _seed_everything(spec.training.seed + rank)
     phase("engine")
@@ -169,12 +173,38 @@ def build_trainer(run_dir: Path, flag: StopFlag):
     if rank == 0 and found.tag is not None:
         warn_if_versions_changed(run_dir)
     if rank == 0:
-        nodes = max(1, world // int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world))))
+        nodes = max(1, world // local_ranks)
         print(
-            banner(trainer, params=params, kernels=kernel_choice.detail, backend=backend, nodes=nodes),
+            banner(trainer, params=params, kernels=kernel_choice.detail, backend=backend, nodes=nodes, host=host),
             flush=True,
         )
     return trainer
+
+
+def banner(t, *, params: int, kernels: str, backend: str, nodes: int, host: dict) -> str:
+    """Rank 0's start-up summary of trainer `t`."""
+    from hpcds.train.progress import render_banner
+
+    s = t.settings
+    spec, ds = s.spec, s.spec.deepspeed
+    lines = {
+        "run": str(s.run_dir),
+        "model": f"{spec.model.type}, {params / 1e6:.2f}M parameters, sequence {spec.model.max_seq_len}",
+        "kernels": kernels,
+        "world size": f"{s.world} ({nodes} node{'s' if nodes != 1 else ''} x {s.world // nodes} ranks, {backend})",
+        "host": f"{host['threads']} intra-op thread{'s' if host['threads'] != 1 else ''} per rank "
+        f"({host['cores']} cores, {host['local_ranks']} ranks here, set by {host['threads_from']}); allocator "
+        + ("thresholds fixed" if host["allocator_tuned"] else "as it was"),
+        "ZeRO": f"stage {ds.zero_stage}, offload optimizer: {ds.offload_optimizer}, params: {ds.offload_params}",
+        "precision": spec.training.precision,
+        "batch": f"micro {s.micro_batch} x accum {s.grad_accum} x {s.world} ranks = global "
+        f"{s.micro_batch * s.grad_accum * s.world} sequences ({s.tokens_per_step} tokens/step)",
+        "steps": f"{s.max_steps}, lr {spec.training.lr:g} ({spec.training.decay}, warmup {spec.training.warmup_steps})",
+        "checkpoints": f"{s.ckpt_dir} (every {spec.checkpoint.every_steps} steps, "
+        f"keep last {spec.checkpoint.keep_last})",
+        "W&B": f"{t.logger.mode}" + (f", {t.logger.url or t.logger.dir}" if (t.logger.url or t.logger.dir) else ""),
+    }
+    return "hpcds trainer\n" + render_banner(lines)
 
 
 def warn_if_versions_changed(run_dir: Path) -> None:

@@ -24,7 +24,7 @@ from hpcds.train import checkpoint
 from hpcds.train.async_save import Saver, choose_async
 from hpcds.train.loss import eval_loss, loss_of, probe_batch, probe_record, probe_verdict
 from hpcds.train.preempt import StopFlag, collective_device, signal_name
-from hpcds.train.progress import format_step_line, render_banner, write_heartbeat, write_progress
+from hpcds.train.progress import format_step_line, write_heartbeat, write_progress
 from hpcds.train.rng import capture_rng, restore_rng
 from hpcds.train.schedule import lr_for_spec
 from hpcds.train.step_records import StepRecords
@@ -382,23 +382,3 @@ def _memory_gb() -> dict[str, float]:
     if torch.cuda.is_available():
         metrics["sys/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return metrics
-
-
-def banner(t: Trainer, *, params: int, kernels: str, backend: str, nodes: int) -> str:
-    s = t.settings
-    spec, ds = s.spec, s.spec.deepspeed
-    lines = {
-        "run": str(s.run_dir),
-        "model": f"{spec.model.type}, {params / 1e6:.2f}M parameters, sequence {spec.model.max_seq_len}",
-        "kernels": kernels,
-        "world size": f"{s.world} ({nodes} node{'s' if nodes != 1 else ''} x {s.world // nodes} ranks, {backend})",
-        "ZeRO": f"stage {ds.zero_stage}, offload optimizer: {ds.offload_optimizer}, params: {ds.offload_params}",
-        "precision": spec.training.precision,
-        "batch": f"micro {s.micro_batch} x accum {s.grad_accum} x {s.world} ranks = global "
-        f"{s.micro_batch * s.grad_accum * s.world} sequences ({s.tokens_per_step} tokens/step)",
-        "steps": f"{s.max_steps}, lr {spec.training.lr:g} ({spec.training.decay}, warmup {spec.training.warmup_steps})",
-        "checkpoints": f"{s.ckpt_dir} (every {spec.checkpoint.every_steps} steps, "
-        f"keep last {spec.checkpoint.keep_last})",
-        "W&B": f"{t.logger.mode}" + (f", {t.logger.url or t.logger.dir}" if (t.logger.url or t.logger.dir) else ""),
-    }
-    return "hpcds trainer\n" + render_banner(lines)
