@@ -53,6 +53,15 @@ def test_console_line_and_banner():
     assert render_banner({"world size": "2", "ZeRO": "stage 2"}) == "  world size  2\n  ZeRO        stage 2"
 
 
+def test_process_age_counts_from_the_process_start():
+    """`startup_s` in train_start: a process that slept 0.5 s after it started is 0.5 s old, give or take its own
+    start-up (psutil's create_time, whole-second boot time added, was up to a second off)."""
+    code = "import time; time.sleep(0.5); from hpcds.train.progress import process_age_s; print(process_age_s())"
+    started = time.monotonic()
+    age_s = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.5 <= age_s <= time.monotonic() - started + 0.02, age_s
+
+
 def test_fault_specs_parse_and_typos_fail():
     assert parse_faults("") == Faults()
     faults = parse_faults("signal_at:4:USR2,kill_in_save:8")

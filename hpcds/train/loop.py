@@ -24,7 +24,7 @@ from hpcds.train import checkpoint
 from hpcds.train.async_save import Saver, choose_async
 from hpcds.train.loss import eval_loss, loss_of, probe_batch, probe_record, probe_verdict
 from hpcds.train.preempt import StopFlag, collective_device, signal_name
-from hpcds.train.progress import format_step_line, write_heartbeat, write_progress
+from hpcds.train.progress import format_step_line, process_age_s, write_heartbeat, write_progress
 from hpcds.train.rng import capture_rng, restore_rng
 from hpcds.train.schedule import lr_for_spec
 from hpcds.train.step_records import StepRecords
@@ -321,8 +321,6 @@ class Trainer:
             restore_rng(saved["rng"])
             self.startup_phases_s["load"] = round(time.time() - started, 3)
         if s.rank == 0:
-            import psutil
-
             where = f"resuming from {found.tag}" if found.tag else "starting at step 0 (no checkpoint yet)"
             print(where, flush=True)
             runs.append_event(
@@ -332,7 +330,7 @@ class Trainer:
                 world_size=s.world,
                 resumed_from=found.tag,
                 resume_s=round(time.time() - started, 3),  # verify + load
-                startup_s=round(time.time() - psutil.Process().create_time(), 3),  # process start to first step
+                startup_s=round(process_age_s(), 3),  # process start to first step
                 phases_s=self.startup_phases_s,
             )
             self.write_progress()
