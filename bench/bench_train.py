@@ -6,8 +6,9 @@ noise; ratios taken minutes apart on the same machine are not):
    and ÷ the same bare loop on torch's and glibc's defaults (what a person gets writing it alone)
 2. checkpoint write bytes/s (DeepSpeed save + per-rank state + CRC-32 + fsync + commit) ÷ `dd conv=fsync`
    of as many bytes to the same disk                                                              goal >= 0.7
-3. resume time (process start to first step: imports, process group, model, engine, verify, load)
+3. resume time (process start to first step: imports, process group, model, engine, verify, load, probe)
    ÷ (import time of torch + deepspeed + transformers' model + checkpoint bytes / `dd` read bandwidth)   goal <= 1.5
+   and ÷ a bare DeepSpeed script's restart (process group, model, engine, load_checkpoint of the same checkpoint)
 4. training blocked per periodic save with checkpoint.async_save on ÷ a synchronous save's time     goal <= 0.1
 5. steps/s with a save every N steps (asynchronous, and synchronous) ÷ steps/s without saves
 
@@ -97,31 +98,48 @@ def trainer_step_s(root: Path, spec, ranks: int, warmup: int) -> float:
     return step_times(records, warmup)
 
 
-def bare_step_s(root: Path, spec, ranks: int, warmup: int, host_settings: bool) -> float:
+def bare_launch(run_dir: Path, ranks: int, *mode: str) -> None:
+    """This file under DeepSpeed's launcher on `ranks` CPU ranks, in one of its bare modes (`--bare RUN_DIR ...`)."""
     from hpcds.launch import _deepspeed_executable, free_port
 
-    run_dir = new_run(root, spec)
-    argv = [
-        _deepspeed_executable(),
-        "--num_accelerators",
-        str(ranks),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "--no_local_rank",
-        __file__,
-        "--bare",
-        str(run_dir),
-        *(["--host-settings"] if host_settings else []),
-    ]
+    argv = [_deepspeed_executable(), "--num_accelerators", str(ranks), "--master_addr", "127.0.0.1"]
+    argv += ["--master_port", str(free_port()), "--no_local_rank", __file__, *mode]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     with open(run_dir / "bench-launch.log", "a") as log:
         code = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
-        raise SystemExit(f"bare loop failed ({code}): see {run_dir / 'bench-launch.log'}")
+        raise SystemExit(f"bare DeepSpeed ({' '.join(mode)}) failed ({code}): see {run_dir / 'bench-launch.log'}")
+
+
+def bare_step_s(root: Path, spec, ranks: int, warmup: int, host_settings: bool) -> float:
+    run_dir = new_run(root, spec)
+    bare_launch(run_dir, ranks, "--bare", str(run_dir), *(["--host-settings"] if host_settings else []))
     records = [json.loads(line) for line in (run_dir / "bare.jsonl").read_text().splitlines()]
     return step_times(records, warmup)
+
+
+def bare_resume(run_dir: Path, tag: str) -> None:
+    """What a person's own DeepSpeed script does to restart: process group, model (randomly initialised), engine,
+    `load_checkpoint`. Rank 0 writes its process age once every rank has loaded."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from hpcds.spec import load_spec
+    from hpcds.train.__main__ import make_optimizer
+    from hpcds.train.models import build_model
+    from hpcds.train.progress import process_age_s
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    spec = load_spec(run_dir / "spec.yaml")
+    config = json.loads((run_dir / "ds_config.json").read_text())
+    model = build_model(spec.model, seed=spec.training.seed)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, spec, 1e-3), config=config)
+    engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (run_dir / "bare-resume.json").write_text(json.dumps({"startup_s": process_age_s()}))
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def bare_loop(run_dir: Path, host_settings: bool) -> None:
@@ -201,6 +219,7 @@ def checkpoint_bench(root: Path, args) -> dict:
     run_dir = new_run(root, spec)
     if quiet_launch(run_dir, args.ranks, fault="signal_at:1:TERM") != 75:
         raise SystemExit(f"checkpoint run did not stop with 75: see {run_dir / 'bench-launch.log'}")
+    bare_launch(run_dir, args.ranks, "--bare", str(run_dir), "--resume-tag", "step_1")
     if quiet_launch(run_dir, args.ranks) != 0:
         raise SystemExit(f"checkpoint resume failed: see {run_dir / 'bench-launch.log'}")
     events = runs.read_events(run_dir)
@@ -221,6 +240,7 @@ def checkpoint_bench(root: Path, args) -> dict:
         "startup_phases": resumed.get("phases_s"),
         "resume_s": resumed["startup_s"],
         "load_s": resumed["resume_s"],
+        "bare_resume_s": json.loads((run_dir / "bare-resume.json").read_text())["startup_s"],
         "import_s": statistics.median(import_s() for _ in range(3)),
         "dd_read_bytes_per_s": dd_read_bytes_per_s(files),
     }
@@ -258,6 +278,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bare", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--host-settings", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--resume-tag", help=argparse.SUPPRESS)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per step-time run")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the step-time median")
@@ -273,6 +294,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="runs root for the bench (default: a temp folder under ./runs)")
     args = parser.parse_args()
     if args.bare:
+        if args.resume_tag:
+            bare_resume(args.bare, args.resume_tag)
         bare_loop(args.bare, args.host_settings)
         return
     Path("runs").mkdir(exist_ok=True)
@@ -320,6 +343,18 @@ def main() -> None:
                 f"{ck['resume_s']:.1f} s / ({ck['import_s']:.1f} + {ck['bytes'] / ck['dd_read_bytes_per_s']:.2f}) s",
                 ck["resume_s"] / ideal_resume_s,
                 "<= 1.5",
+            ),
+            (
+                "  resume / bare DeepSpeed restart + load",
+                f"{ck['resume_s']:.1f} s / {ck['bare_resume_s']:.1f} s",
+                ck["resume_s"] / ck["bare_resume_s"],
+                "",
+            ),
+            (
+                "  bare DeepSpeed restart / (import + bw)",
+                f"{ck['bare_resume_s']:.1f} s / {ideal_resume_s:.1f} s",
+                ck["bare_resume_s"] / ideal_resume_s,
+                "(floor)",
             ),
         ]
     if args.only in (None, "save"):
