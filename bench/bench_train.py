@@ -282,7 +282,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per step-time run")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the step-time median")
-    parser.add_argument("--rounds", type=int, default=2, help="bare/trainer pairs, alternated")
+    parser.add_argument("--rounds", type=int, default=3, help="bare/tuned bare/trainer rounds, alternated")
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
