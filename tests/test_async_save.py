@@ -57,6 +57,37 @@ def test_snapshot_is_a_copy_that_keeps_ties():
     assert third is second and torch.equal(third, weight)
 
 
+AGREE = """
+import os, sys
+import deepspeed
+from hpcds.train.async_save import agreed_by_all_ranks
+deepspeed.init_distributed(dist_backend="gloo")
+print(agreed_by_all_ranks(sys.argv[1] == "yes"), flush=True)
+"""
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("votes, agreed", [(("yes", "yes"), "True"), (("yes", "no"), "False"), (("no", "no"), "False")])
+def test_ranks_take_one_verdict_on_background_saves(votes, agreed):
+    """Each rank judges its own node's free memory; two ranks that saved differently would call different collectives
+    and hang, so one no makes every rank's verdict no (real gloo ranks, DeepSpeed's comm)."""
+    import os
+    import subprocess
+    import sys
+
+    from hpcds.launch import free_port
+
+    port = str(free_port())
+    ranks = []
+    for rank, vote in enumerate(votes):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_SIZE": "2"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu"}
+        argv = [sys.executable, "-c", AGREE, vote]
+        ranks.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+    said = [process.communicate(timeout=120)[0].split()[-1] for process in ranks]
+    assert said == [agreed, agreed]
+
+
 @pytest.mark.deepspeed
 def test_async_saves_survive_sigkill_and_a_stop_in_flight(tmp_path, shared_env, monkeypatch, straight_run):
     spec = tiny_spec(2, checkpoint={"every_steps": 2, "keep_last": 2})
