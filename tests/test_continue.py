@@ -162,6 +162,36 @@ def test_continue_records_the_change_and_keeps_the_old_spec(tmp_path):
         prepare_run(other, tmp_path)
 
 
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_a_continue_records_the_environment_it_is_submitted_from(tmp_path, snapshot):
+    """Submitted under torch 0.0.1 with other hpcds code, continued here: the job's starts compare with this
+    environment from now on (else `on_version_change: fail` would end every start of the continued run), and the old
+    values are in an event and on the console. A snapshot run keeps its copy's code record: the job still runs it."""
+    from hpcds import versions
+    from hpcds.cli import continuing
+
+    tree = tiny_tree() | {"slurm": {"gpus_per_node": 0, "ranks_per_node": 2, "snapshot": snapshot}}
+    run_dir = _local_run(tmp_path, tree)
+    meta = runs.read_meta(run_dir)
+    old = {"versions": {**meta["versions"], "torch": "0.0.1"}, "hpcds_code": "0" * 64, "hpcds_path": "/old/hpcds"}
+    runs.update_meta(run_dir, **old)
+    text = yaml.safe_dump(resolved(tree | {"training": tree["training"] | {"max_steps": 12}}))
+    record = continuing.continue_run(run_dir, {facts.SPEC_FILE: text}, local=True)
+    now = versions.current_record()
+    expected = {"torch": ["0.0.1", now["versions"]["torch"]]}
+    if not snapshot:
+        expected["hpcds_code"] = ["0" * 12, now["hpcds_code"][:12]]
+    assert record["environment"] == expected
+    meta = runs.read_meta(run_dir)
+    assert versions.changes(meta, now) == ({} if not snapshot else {"hpcds_code": ["0" * 12, now["hpcds_code"][:12]]})
+    assert meta["hpcds_path"] == ("/old/hpcds" if snapshot else now["hpcds_path"])
+    (event,) = [e for e in runs.read_events(run_dir) if e["event"] == "environment_recorded"]
+    assert event["changed"] == expected
+    assert f"environment recorded anew: torch 0.0.1 -> {now['versions']['torch']}" in "\n".join(
+        continuing.describe(record)
+    )
+
+
 def test_a_spec_saying_auto_continues_with_the_runs_pinned_strategy(tmp_path):
     from hpcds.cli.train_cmd import local_spec, prepare_run
     from hpcds.spec import validate_spec

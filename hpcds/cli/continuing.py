@@ -123,6 +123,7 @@ def continue_run(run_dir: Path, files: dict[str, str], *, local: bool) -> dict[s
             f"\nhint: raise training.max_steps (e.g. --set training.max_steps={2 * new_spec.training.max_steps})"
         )
     record: dict[str, Any] = {"changes": change_records(comparison), "resume_step": step}
+    record["environment"] = record_environment(run_dir, meta, snapshot=new_spec.slurm.snapshot)
     if not comparison.changed:
         if not local and facts.SCRIPT_FILE in files:  # the same spec: the script may still name another hpcds
             runs.write_text_atomic(run_dir / facts.SCRIPT_FILE, files[facts.SCRIPT_FILE])
@@ -140,6 +141,25 @@ def continue_run(run_dir: Path, files: dict[str, str], *, local: bool) -> dict[s
     return record
 
 
+def record_environment(run_dir: Path, meta: dict[str, Any], *, snapshot: bool) -> dict[str, list[Any]]:
+    """A continue is submitted from this environment, so the job's starts compare with this one from now on
+    (`environment_recorded` event): kept as it was, a run continued after an upgrade warned at every start, and under
+    slurm.on_version_change: fail never started again. With slurm.snapshot the job still runs the run's copy of
+    hpcds, whose record stays. Returns {name: [recorded before, now]} of what changed."""
+    from hpcds import versions
+
+    now = versions.current_record()
+    if snapshot:
+        kept = ("hpcds_code", "hpcds_path")
+        now |= {name: meta[name] for name in kept if name in meta}
+        now["versions"] = {**now["versions"], "hpcds": (meta.get("versions") or {}).get("hpcds")}
+    changed = versions.changes(meta, now)
+    if changed:
+        runs.update_meta(run_dir, **now)
+        runs.append_event(run_dir, "environment_recorded", changed=changed)
+    return changed
+
+
 def load_spec_text(text: str):
     from hpcds.spec import validate_spec
 
@@ -148,7 +168,11 @@ def load_spec_text(text: str):
 
 def describe(record: dict[str, Any]) -> list[str]:
     """Lines for people: each changed field with both values, and where the schedule goes on from."""
+    from hpcds.versions import render_changes
+
     lines = [f"  {c['field']}: {c['old']} -> {c['new']}" for c in record.get("changes", [])]
+    if record.get("environment"):
+        lines.append(f"  environment recorded anew: {render_changes(record['environment'])}")
     anchor = record.get("lr_anchor")
     if anchor:
         lines.append(f"  learning rate continuous: {anchor['lr']:.6g} at step {anchor['step']}, then the new decay")
