@@ -497,7 +497,24 @@ def test_two_warning_signals_requeue_twice_and_match_the_uninterrupted_run(cases
     assert not case.leftovers, case.leftovers
     assert_same_training(ref.run_dir, case.run_dir)
     assert_wandb_one_run_no_repeats(case.run_dir)
+    assert_report_matches_the_logs(runs_root, case.run_dir)
     print(f"warnings: signal to committed checkpoint {case.notes['signal_to_checkpoint_s']} s, {case.wall_s:.0f} s")
+
+
+def assert_report_matches_the_logs(runs_root: Path, run_dir: Path) -> None:
+    """`hpcds report --json` of a live run preempted twice: interruptions, recomputed steps and downtime as the event
+    log and losses.jsonl give them, worked out here; the PNG drawn and not empty."""
+    png = run_dir / "report-test.png"
+    done = hpcds(runs_root, "report", run_dir.name, "--runs-dir", str(runs_root), "--json", "--png", str(png))
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    starts, exits = events(run_dir, "started"), events(run_dir, "exited")
+    records = [json.loads(line) for line in (run_dir / facts.LOSSES_FILE).read_text().splitlines() if line.strip()]
+    assert [i["ending"] for i in found["interruptions"]] == [e["class"] for e in exits[:-1]] == ["requeued"] * 2
+    assert found["steps_recomputed"] == len(records) - len({r["step"] for r in records}) == 0  # saved at each signal
+    downtime_s = sum(start["time"] - end["time"] for end, start in zip(exits, starts[1:], strict=False))
+    assert found["downtime_s"] == pytest.approx(downtime_s) and downtime_s > 0
+    assert found["png"] == str(png) and png.stat().st_size > 10_000
 
 
 @pytest.mark.slurm
