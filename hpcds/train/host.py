@@ -39,7 +39,7 @@ def allocator_left_alone(env: Mapping[str, str]) -> bool:
 
 
 def apply_host_settings(local_ranks: int) -> dict:
-    """Set this rank's threads and allocator thresholds; return what holds now, for the `train_start` event."""
+    """Set this rank's threads and allocator thresholds; return what holds now, for the `host` event."""
     import torch
 
     env = os.environ
