@@ -79,13 +79,18 @@ def test_ranks_take_one_verdict_on_background_saves(votes, agreed):
 
     port = str(free_port())
     ranks = []
-    for rank, vote in enumerate(votes):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_SIZE": "2"}
-        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu"}
-        argv = [sys.executable, "-c", AGREE, vote]
-        ranks.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
-    said = [process.communicate(timeout=120)[0].split()[-1] for process in ranks]
-    assert said == [agreed, agreed]
+    try:
+        for rank, vote in enumerate(votes):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_SIZE": "2"}
+            env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu"}
+            argv = [sys.executable, "-c", AGREE, vote]
+            ranks.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outputs = [process.communicate(timeout=120) for process in ranks]
+    finally:  # a rank that died leaves the other waiting in the collective
+        for process in ranks:
+            process.kill()
+    said = [out.split()[-1] if out.split() else None for out, _ in outputs]
+    assert said == [agreed, agreed], [err[-2000:] for _, err in outputs]
 
 
 @pytest.mark.deepspeed

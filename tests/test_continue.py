@@ -163,33 +163,43 @@ def test_continue_records_the_change_and_keeps_the_old_spec(tmp_path):
 
 
 @pytest.mark.parametrize("snapshot", [False, True])
-def test_a_continue_records_the_environment_it_is_submitted_from(tmp_path, snapshot):
-    """Submitted under torch 0.0.1 with other hpcds code, continued here: the job's starts compare with this
-    environment from now on (else `on_version_change: fail` would end every start of the continued run), and the old
-    values are in an event and on the console. A snapshot run keeps its copy's code record: the job still runs it."""
+def test_a_continue_records_the_environment_it_is_submitted_from(tmp_path, monkeypatch, snapshot):
+    """Submitted under torch 0.0.1 with other hpcds code, continued here under hpcds 9.9.9: the job's starts compare
+    with this environment from now on (else `on_version_change: fail` would end every start of the continued run),
+    and the old values are in an event and on the console. A Slurm run with a snapshot runs its copy: the record
+    holds the copy's code and version, so the job's own check (run from the copy) finds nothing changed."""
+    from hpcds import snapshot as snapshots
     from hpcds import versions
     from hpcds.cli import continuing
 
+    installed = versions.package_versions()
     tree = tiny_tree() | {"slurm": {"gpus_per_node": 0, "ranks_per_node": 2, "snapshot": snapshot}}
     run_dir = _local_run(tmp_path, tree)
+    if snapshot:  # a Slurm run as hpcds submit leaves it, with its copy of hpcds
+        runs.update_meta(run_dir, local=False)
+        snapshots.write_snapshot(run_dir)
+        monkeypatch.setattr("hpcds.slurm.squeue_mine", lambda: [])
     meta = runs.read_meta(run_dir)
-    old = {"versions": {**meta["versions"], "torch": "0.0.1"}, "hpcds_code": "0" * 64, "hpcds_path": "/old/hpcds"}
-    runs.update_meta(run_dir, **old)
+    runs.update_meta(run_dir, versions={**meta["versions"], "torch": "0.0.1"}, hpcds_code="0" * 64)
+    monkeypatch.setattr(versions, "package_versions", lambda: {**installed, "hpcds": "9.9.9"})  # upgraded since
     text = yaml.safe_dump(resolved(tree | {"training": tree["training"] | {"max_steps": 12}}))
-    record = continuing.continue_run(run_dir, {facts.SPEC_FILE: text}, local=True)
-    now = versions.current_record()
-    expected = {"torch": ["0.0.1", now["versions"]["torch"]]}
-    if not snapshot:
-        expected["hpcds_code"] = ["0" * 12, now["hpcds_code"][:12]]
+    record = continuing.continue_run(run_dir, {facts.SPEC_FILE: text}, local=not snapshot)
+
+    here = versions.current_record()
+    expected = {"hpcds": [installed["hpcds"], "9.9.9"]} if not snapshot else {}
+    expected |= {"torch": ["0.0.1", installed["torch"]], "hpcds_code": ["0" * 12, here["hpcds_code"][:12]]}
     assert record["environment"] == expected
-    meta = runs.read_meta(run_dir)
-    assert versions.changes(meta, now) == ({} if not snapshot else {"hpcds_code": ["0" * 12, now["hpcds_code"][:12]]})
-    assert meta["hpcds_path"] == ("/old/hpcds" if snapshot else now["hpcds_path"])
     (event,) = [e for e in runs.read_events(run_dir) if e["event"] == "environment_recorded"]
     assert event["changed"] == expected
-    assert f"environment recorded anew: torch 0.0.1 -> {now['versions']['torch']}" in "\n".join(
-        continuing.describe(record)
-    )
+    assert "environment" not in next(e for e in runs.read_events(run_dir) if e["event"] == "spec_changed")
+    assert f"torch 0.0.1 -> {installed['torch']}" in "\n".join(continuing.describe(record))
+    meta = runs.read_meta(run_dir)
+    if snapshot:  # what hpcds launch finds running from the copy
+        copy = snapshots.snapshot_package(run_dir)
+        job = {**here, "versions": installed, "hpcds_code": versions.code_digest(copy)}
+        assert versions.changes(meta, job) == {}
+    else:
+        assert versions.changes(meta, here) == {}
 
 
 def test_a_spec_saying_auto_continues_with_the_runs_pinned_strategy(tmp_path):

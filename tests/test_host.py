@@ -18,6 +18,7 @@ from hpcds.train.host import allocator_left_alone, threads_per_rank
         (3, 2, 3, {}, 1),
         (1, 4, 1, {}, None),  # fewer cores than ranks: one each, which torch chose already
         (16, 1, 8, {}, None),  # never more than torch chose (its count of physical cores)
+        (128, 8, 64, {}, 8),  # hyperthreads: the share of the physical cores
         (64, 8, 64, {"OMP_NUM_THREADS": "4"}, None),  # the user's choice stands
     ],
 )
@@ -29,13 +30,15 @@ def test_a_chosen_allocator_is_left_alone():
     assert not allocator_left_alone({})
     assert allocator_left_alone({"MALLOC_TRIM_THRESHOLD_": "0"})
     assert allocator_left_alone({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"})
-    assert not allocator_left_alone({"LD_PRELOAD": "/opt/site/libhook.so"})
+    assert allocator_left_alone({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"})
+    assert not allocator_left_alone({"LD_PRELOAD": "/opt/site/libhook.so", "MALLOC_ARENA_MAX": "2"})
 
 
 def _apply(env: dict[str, str], local_ranks: int) -> dict:
-    code = "import json, sys; from hpcds.train.host import apply_host_settings as apply; "
-    code += f"print(json.dumps(apply({local_ranks})))"
-    clean = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS" and not k.startswith("MALLOC_")}
+    code = "import json, torch; from hpcds.train.host import apply_host_settings as apply; "
+    code += f"default = torch.get_num_threads(); print(json.dumps({{**apply({local_ranks}), 'default': default}}))"
+    chosen = ("OMP_NUM_THREADS", "GLIBC_TUNABLES", "LD_PRELOAD")
+    clean = {k: v for k, v in os.environ.items() if k not in chosen and not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
@@ -46,7 +49,7 @@ def test_settings_as_torch_and_glibc_take_them():
     cores = len(os.sched_getaffinity(0))
     shared = _apply({}, local_ranks=cores)
     assert shared["threads"] == 1 and shared["allocator_tuned"] is True
-    assert shared["threads_from"] == ("hpcds" if cores > 1 else "torch")
+    assert shared["threads_from"] == ("hpcds" if shared["default"] > 1 else "torch")
     chosen = _apply({"OMP_NUM_THREADS": "2", "MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "0"}, local_ranks=cores)
     assert chosen["threads"] == min(2, cores) and chosen["threads_from"] == "OMP_NUM_THREADS"
     assert chosen["allocator_tuned"] is False

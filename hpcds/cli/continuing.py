@@ -123,11 +123,11 @@ def continue_run(run_dir: Path, files: dict[str, str], *, local: bool) -> dict[s
             f"\nhint: raise training.max_steps (e.g. --set training.max_steps={2 * new_spec.training.max_steps})"
         )
     record: dict[str, Any] = {"changes": change_records(comparison), "resume_step": step}
-    record["environment"] = record_environment(run_dir, meta, snapshot=new_spec.slurm.snapshot)
+    environment = {"environment": record_environment(run_dir, meta, local=local)}
     if not comparison.changed:
         if not local and facts.SCRIPT_FILE in files:  # the same spec: the script may still name another hpcds
             runs.write_text_atomic(run_dir / facts.SCRIPT_FILE, files[facts.SCRIPT_FILE])
-        return record
+        return record | environment
     anchor = continuation_anchor(old_spec.training, new_spec.training, step or 0, meta.get(LR_ANCHOR_KEY))
     # The old spec is kept first: a crash after it leaves the run as it was, plus a copy.
     history = next_history_name(run_dir)
@@ -138,20 +138,21 @@ def continue_run(run_dir: Path, files: dict[str, str], *, local: bool) -> dict[s
     runs.update_meta(run_dir, **{LR_ANCHOR_KEY: anchor})
     record |= {"previous": history, "lr_anchor": anchor}
     runs.append_event(run_dir, "spec_changed", **record)
-    return record
+    return record | environment
 
 
-def record_environment(run_dir: Path, meta: dict[str, Any], *, snapshot: bool) -> dict[str, list[Any]]:
+def record_environment(run_dir: Path, meta: dict[str, Any], *, local: bool) -> dict[str, list[Any]]:
     """A continue is submitted from this environment, so the job's starts compare with this one from now on
     (`environment_recorded` event): kept as it was, a run continued after an upgrade warned at every start, and under
-    slurm.on_version_change: fail never started again. With slurm.snapshot the job still runs the run's copy of
-    hpcds, whose record stays. Returns {name: [recorded before, now]} of what changed."""
-    from hpcds import versions
+    slurm.on_version_change: fail never started again. A Slurm run with a snapshot still runs the run's copy of hpcds:
+    its code is the copy's, and its version the one recorded with the copy. Returns {name: [recorded before, now]}
+    of what changed."""
+    from hpcds import snapshot, versions
 
     now = versions.current_record()
-    if snapshot:
-        kept = ("hpcds_code", "hpcds_path")
-        now |= {name: meta[name] for name in kept if name in meta}
+    copy = snapshot.snapshot_package(run_dir)
+    if not local and copy.is_dir():
+        now |= {"hpcds_code": versions.code_digest(copy), "hpcds_path": meta.get("hpcds_path", str(copy))}
         now["versions"] = {**now["versions"], "hpcds": (meta.get("versions") or {}).get("hpcds")}
     changed = versions.changes(meta, now)
     if changed:

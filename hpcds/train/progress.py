@@ -56,9 +56,15 @@ class PhaseTimer:
 def process_age_s() -> float:
     """Seconds since this process started. The kernel keeps the start in clock ticks since boot (field 22 of
     /proc/self/stat) and CLOCK_BOOTTIME counts from the same boot, so the difference is exact to a tick. psutil's
-    create_time adds the boot time from /proc/stat, in whole seconds, and came out up to a second late."""
-    with open("/proc/self/stat") as handle:
-        after_name = handle.read().rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+    create_time (used where there is no /proc) adds the boot time from /proc/stat cut to whole seconds, so it comes
+    out up to a second early, and the age that much too long."""
+    try:
+        with open("/proc/self/stat") as handle:
+            after_name = handle.read().rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+    except OSError:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
     return time.clock_gettime(time.CLOCK_BOOTTIME) - int(after_name[19]) / os.sysconf("SC_CLK_TCK")
 
 
