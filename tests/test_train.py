@@ -63,6 +63,20 @@ def test_process_age_counts_from_the_process_start():
     assert 0.5 <= age_s <= time.monotonic() - started + 0.02, age_s
 
 
+PENDING_IN_PARENT = """
+import os, signal, subprocess, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # as hpcds launch leaves DeepSpeed's launchers
+os.kill(os.getpid(), signal.SIGTERM)  # arrives before the child exists: pending here
+code = "from hpcds.train.preempt import StopFlag; print(StopFlag().install().signum)"
+print(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
+"""
+
+
+def test_a_stop_signal_pending_in_the_launcher_reaches_a_rank_started_after_it():
+    out = subprocess.run([sys.executable, "-c", PENDING_IN_PARENT], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(int(signal.SIGTERM)), out.stderr
+
+
 def test_fault_specs_parse_and_typos_fail():
     assert parse_faults("") == Faults()
     faults = parse_faults("signal_at:4:USR2,kill_in_save:8")
@@ -278,6 +292,32 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, gap_s):
     time.sleep(1)
     leftovers = subprocess.run(["pgrep", "-f", f"--run-dir {run_dir}"], capture_output=True, text=True).stdout
     assert not leftovers.strip(), leftovers  # no rank left behind
+
+
+@pytest.mark.deepspeed
+def test_a_term_before_the_ranks_exist_stops_them_once_they_start(tmp_path):
+    """TERM to every process (as Slurm's scancel / preemption / requeue) while DeepSpeed's launchers are still starting:
+    they keep it pending, no rank exists to get it, and the ranks must find it there and stop at their first step
+    boundary (exit 75) instead of training to the end."""
+    env = {**os.environ, "HPCDS_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1", "HPCDS_TEST_FAULT": ""}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    args = ["run", str(REPO / "configs" / "quickstart.yaml"), "--set", "model.max_seq_len=64"]
+    args += ["--set", "training.max_steps=200", "--set", "wandb.mode=disabled"]
+    process = _cli(args, tmp_path, env, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        found = list((tmp_path / "runs").glob("quickstart-*/events.jsonl"))
+        if found and '"launch"' in found[0].read_text():  # written just before DeepSpeed's launcher starts
+            break
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 75, output[-3000:]
+    events = runs.read_events(found[0].parent)
+    assert not [e for e in events if e["event"] == "train_start" and e["step"] > 0]
+    assert [(e["signal"], e["step"], e["saved"]) for e in events if e["event"] == "stopped"] == [("SIGTERM", 0, False)]
+    assert "nothing trained yet, nothing saved" in output
+    assert not [e for e in events if e["event"] == "checkpoint"]  # a fresh run's step 0 is not worth a save
 
 
 @pytest.mark.deepspeed

@@ -247,7 +247,7 @@ def _interruption(index: int, allocations: list[Allocation], events: list[dict],
     nxt = allocations[index + 1] if index + 1 < len(allocations) else None
     window = [e for e in events if alloc.start_time <= float(e["time"]) <= (alloc.end_time or alloc.start_time)]
     stops = [e for e in window if e["event"] == "stopped"]
-    stopped_at = _int(stops[-1].get("step")) if stops else None
+    stopped_at = _int(stops[-1].get("step")) if stops and stops[-1].get("saved", True) else None
     signal_to_commit = None
     if stopped_at is not None:
         commits = [float(e["time"]) for e in window if e["event"] == "checkpoint" and _int(e.get("step")) == stopped_at]

@@ -342,11 +342,14 @@ class Trainer:
     def stop(self, signum: int) -> int:
         if self.settings.rank == 0 and self.flag.faults.stop_save_sleep_s:
             time.sleep(self.flag.faults.stop_save_sleep_s)  # test fault: a save as slow as a big checkpoint's
-        self.save()
         s, step = self.settings, self.state.step
+        trained = step > 0 or self.reported.checkpoint_step is not None
+        if trained:  # before the first step of a fresh run there is nothing to keep, and a big model's save is slow
+            self.save()
         if s.rank == 0:
-            print(f"stopped by {signal_name(signum)} at step {step}; checkpoint step_{step} saved", flush=True)
-            runs.append_event(s.run_dir, "stopped", signal=signal_name(signum), step=step)
+            kept = f"checkpoint step_{step} saved" if trained else "nothing trained yet, nothing saved"
+            print(f"stopped by {signal_name(signum)} at step {step}; {kept}", flush=True)
+            runs.append_event(s.run_dir, "stopped", signal=signal_name(signum), step=step, saved=trained)
             self.write_progress()
             self.logger.finish(exit_code=EXIT_REQUEUE)
         return EXIT_REQUEUE

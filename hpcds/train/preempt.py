@@ -53,6 +53,8 @@ class StopFlag:
         # Inherited blocked from `hpcds launch` / `hpcds run`, so that DeepSpeed's launchers never react to them; a
         # signal that came during start-up is pending and is delivered here.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNUMS))
+        if not self.signum:
+            self.signum = pending_in_launchers()
         return self
 
     def agree(self, written: bool = False) -> int:
@@ -104,6 +106,29 @@ class StopFlag:
         """Raise the raise_after fault agreed due at this boundary (rank 0), after the trainer committed."""
         if self._raise_due:
             raise RuntimeError(f"HPCDS_TEST_FAULT raise_after:{self.faults.raise_after}: injected failure")
+
+
+def pending_in_launchers(levels: int = 2) -> int:
+    """A stop signal that reached DeepSpeed's launchers (this rank's parent and grandparent) before this rank existed.
+
+    They keep the stop signals blocked, so such a signal stays pending there, and a new process does not inherit
+    pending signals: Slurm's TERM to every process of the step during the launchers' start-up reached no rank, and
+    the job trained on until it was killed. Read from /proc/<pid>/status (ShdPnd, SigPnd); 0 where there is none."""
+    pid = os.getppid()
+    for _ in range(levels):
+        try:
+            with open(f"/proc/{pid}/status") as handle:
+                fields = dict(line.split(":", 1) for line in handle.read().splitlines() if ":" in line)
+        except OSError:
+            return 0
+        pending = int(fields.get("ShdPnd", "0"), 16) | int(fields.get("SigPnd", "0"), 16)
+        for sig in STOP_SIGNUMS:
+            if pending >> (sig - 1) & 1:
+                return int(sig)
+        pid = int(fields.get("PPid", "0"))
+        if pid <= 1:
+            return 0
+    return 0
 
 
 def collective_device():
