@@ -238,8 +238,8 @@ def test_loss_is_the_mean_over_targets_and_zero_without_any():
     assert nothing.item() == 0.0 and F.cross_entropy(logits.reshape(-1, 32), torch.full((16,), -100)).isnan()
 
 
-def _start_quickstart(tmp_path: Path, fault: str) -> tuple[subprocess.Popen, Path]:
-    """`hpcds run` of a small quickstart in its own session, once it has logged a step; with HPCDS_TEST_FAULT."""
+def _quickstart_process(tmp_path: Path, fault: str) -> subprocess.Popen:
+    """`hpcds run` of a small quickstart (200 steps) in its own session, with HPCDS_TEST_FAULT."""
     env = {**os.environ, "HPCDS_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1", "HPCDS_TEST_FAULT": fault}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     args = ["run", str(REPO / "configs" / "quickstart.yaml"), "--set", "model.max_seq_len=64"]
@@ -251,7 +251,12 @@ def _start_quickstart(tmp_path: Path, fault: str) -> tuple[subprocess.Popen, Pat
         "--set",
         "wandb.mode=disabled",
     ]
-    process = _cli(args, tmp_path, env, start_new_session=True)
+    return _cli(args, tmp_path, env, start_new_session=True)
+
+
+def _start_quickstart(tmp_path: Path, fault: str) -> tuple[subprocess.Popen, Path]:
+    """`_quickstart_process`, once it has logged a step."""
+    process = _quickstart_process(tmp_path, fault)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         found = list((tmp_path / "runs").glob("quickstart-*/losses.jsonl"))
@@ -299,11 +304,7 @@ def test_a_term_before_the_ranks_exist_stops_them_once_they_start(tmp_path):
     """TERM to every process (as Slurm's scancel / preemption / requeue) while DeepSpeed's launchers are still starting:
     they keep it pending, no rank exists to get it, and the ranks must find it there and stop at their first step
     boundary (exit 75) instead of training to the end."""
-    env = {**os.environ, "HPCDS_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1", "HPCDS_TEST_FAULT": ""}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
-    args = ["run", str(REPO / "configs" / "quickstart.yaml"), "--set", "model.max_seq_len=64"]
-    args += ["--set", "training.max_steps=200", "--set", "wandb.mode=disabled"]
-    process = _cli(args, tmp_path, env, start_new_session=True)
+    process = _quickstart_process(tmp_path, "")
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         found = list((tmp_path / "runs").glob("quickstart-*/events.jsonl"))

@@ -216,7 +216,7 @@ def warn_if_versions_changed(run_dir: Path) -> None:
     then = runs.read_meta(run_dir).get("versions") or {}
     changed = versions.changes({"versions": then}, {"versions": versions.package_versions()})
     if changed:
-        listed = ", ".join(f"{name} {was} -> {now}" for name, (was, now) in changed.items())
+        listed = versions.render_changes(changed)
         print(f"warning: resuming with other versions than at submit: {listed}", file=sys.stderr, flush=True)
         runs.append_event(run_dir, "versions_changed", changed=changed)
 
