@@ -90,6 +90,21 @@ def test_a_stop_signal_saves_where_it_stopped_and_costs_the_time_from_that_step_
     assert report.effective_s == pytest.approx(3 * 1.0 + 1.0 + 1.0)
 
 
+def test_a_stop_before_the_first_step_of_a_fresh_run_saved_nothing():
+    events = [
+        started(0, 0),
+        {"time": 9, "event": "train_start", "step": 0},
+        {"time": 9.1, "event": "stopped", "signal": "SIGTERM", "step": 0, "saved": False},
+        exited(10, 0, "requeued", 75),
+        started(20, 1),
+        {"time": 24, "event": "train_start", "step": 0},
+        exited(30, 1, "finished", 0),
+    ]
+    report = build_report("r", {}, events, steps(1, 5, at=25), CPU)
+    (interruption,) = report.interruptions
+    assert (interruption.stopped_at_step, interruption.signal_to_commit_max_s) == (None, None)
+
+
 def test_a_periodic_save_between_two_steps_is_not_training_time():
     events = [
         started(0, 0),
